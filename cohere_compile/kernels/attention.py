@@ -1,0 +1,140 @@
+"""Flash attention forward with native GQA (no repeated K/V is ever built).
+
+Program ``(m, b*H + h)`` owns ``BLOCK_M`` queries of head ``h`` and streams the key /
+value blocks of KV head ``h // n_rep`` with an online softmax. An optional mask
+(bool: True = attend, or additive float, broadcast over batch/heads by stride 0)
+is read tile by tile; a key block whose tile is fully masked is skipped, which is
+what makes a causal+padding mask cost about half the FLOPs of a dense one.
+
+Masked entries count as ``-inf``: an additive value at or below half the mask
+dtype's most negative number (HF writes ``finfo.min``) is masked. A query row with
+no visible key returns zeros (HF eager would average V uniformly there: such rows
+are padding whose outputs nobody reads).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def flash_attention_kernel(
+    q_ptr, sqb, sqh, sqm, sqd,
+    k_ptr, skb, skh, skn, skd,
+    v_ptr, svb, svh, svn, svd,
+    mask_ptr, smb, smh, smm, smn,
+    o_ptr, sob, soh, som, sod,
+    n_heads, n_rep, q_len, kv_len, head_dim, qk_scale, mask_floor,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
+    kvh = h // n_rep
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < q_len
+    d_ok = offs_d < head_dim
+
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST_DOT:  # Triton 3.6's interpreter mis-multiplies bf16/fp16 tl.dot operands
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * skb + kvh * skh
+    v_base = v_ptr + b * svb + kvh * svh
+    m_base = mask_ptr + b * smb + h * smh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    for start_n in range(0, kv_len, BLOCK_N):
+        offs_n = start_n + offs_n0
+        visible = row_ok[:, None] & (offs_n < kv_len)[None, :]
+        if IS_CAUSAL:  # top-left aligned, like SDPA's is_causal
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_MASK:
+            mv = tl.load(m_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=visible, other=0)
+            if MASK_IS_BOOL:
+                visible = visible & (mv != 0)
+            else:
+                mv = mv.to(tl.float32)
+                visible = visible & (mv > mask_floor)
+                bias = tl.where(visible, mv, 0.0) * 1.4426950408889634
+        if tl.sum(visible.to(tl.int32)) > 0:
+            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=(offs_n < kv_len)[None, :] & d_ok[:, None], other=0.0)
+            if UPCAST_DOT:
+                kt = kt.to(tl.float32)
+            if IEEE_DOT:
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = tl.where(visible, s * qk_scale + bias, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=(offs_n < kv_len)[:, None] & d_ok[None, :], other=0.0)
+            p = p.to(v.dtype)  # eager also rounds probabilities to the value dtype
+            if UPCAST_DOT:
+                p, v = p.to(tl.float32), v.to(tl.float32)
+            if IEEE_DOT:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p, v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _blocks(q_len: int, head_dim: int, device: torch.device):
+    if device.type != "cuda":  # the interpreter: small tiles keep tests fast
+        return 16, 16, 4, 1
+    block_m = 128 if q_len > 64 else 64 if q_len > 16 else 16
+    block_n = 64 if head_dim <= 128 else 32
+    return block_m, block_n, 8 if block_m == 128 else 4, 3
+
+
+def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
+    """q: (B, H, Q, D); k, v: (B, Hkv, K, D) with H % Hkv == 0; mask broadcastable to
+    (B, H, Q, K), bool or additive float. Returns (B, H, Q, D) laid out as (B, Q, H, D)."""
+    bsz, n_heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    n_rep = n_heads // k.shape[1]
+    out = torch.empty((bsz, q_len, n_heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    if out.numel() == 0:
+        return out
+    if mask is not None:
+        mask = mask.expand(bsz, n_heads, q_len, kv_len)
+        mask_floor = torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else 0.0
+    block_m, block_n, warps, stages = _blocks(q_len, head_dim, q.device)
+    grid = (triton.cdiv(q_len, block_m), bsz * n_heads)
+    flash_attention_kernel[grid](
+        q, *q.stride(), k, *k.stride(), v, *v.stride(),
+        mask if mask is not None else q, *(mask.stride() if mask is not None else (0, 0, 0, 0)),
+        out, *out.stride(),
+        n_heads, n_rep, q_len, kv_len, head_dim, float(scale) * LOG2E,
+        float(mask_floor) if mask is not None else 0.0,
+        HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
+        IS_CAUSAL=bool(is_causal), IEEE_DOT=q.dtype == torch.float32 or interpreting(),
+        UPCAST_DOT=interpreting() and q.dtype != torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
+        num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,0 +1,34 @@
+"""Which implementation an op runs, and the clear errors for inputs we do not serve."""
+
+import torch
+
+from ..kernels import interpreting
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+class UnsupportedInputError(TypeError):
+    """An op or model got a dtype or device that cohere_compile has no path for."""
+
+
+def check_inputs(op_name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type not in SUPPORTED_DEVICES:
+            raise UnsupportedInputError(
+                f"{op_name}: device '{t.device.type}' is not supported; cohere_compile runs on "
+                f"{' and '.join(SUPPORTED_DEVICES)}. Move the model with .to('cuda') or .to('cpu')."
+            )
+        if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedInputError(
+                f"{op_name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16 "
+                f"(e.g. model.to(torch.bfloat16))."
+            )
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors always take the Triton kernel; CPU tensors take it only under
+    TRITON_INTERPRET=1 (the test suite), otherwise the plain-torch path."""
+    return t.device.type == "cuda" or interpreting()
