@@ -32,3 +32,9 @@ def use_triton(t: torch.Tensor) -> bool:
     """CUDA tensors always take the Triton kernel; CPU tensors take it only under
     TRITON_INTERPRET=1 (the test suite), otherwise the plain-torch path."""
     return t.device.type == "cuda" or interpreting()
+
+
+def eps_value(eps) -> float:
+    """Norm epsilons arrive as a Python float, or (``dynamic=True`` turns module float
+    attributes into graph inputs) as a 0-d CPU tensor: the ``*_tensor_eps`` op twins."""
+    return float(eps.item()) if isinstance(eps, torch.Tensor) else float(eps)

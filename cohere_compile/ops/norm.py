@@ -1,30 +1,31 @@
-"""``cohere::layer_norm`` and ``cohere::add3_layer_norm`` (residual adds + norm)."""
+"""``cohere::layer_norm`` and ``cohere::add3_layer_norm`` (residual adds + norm).
+
+Each has a ``*_tensor_eps`` twin taking eps as a 0-d tensor, for graphs compiled
+with ``dynamic=True`` where the module's float epsilon is a graph input.
+"""
 
 import torch
 
 from ..kernels import layer_norm as kernel
 from . import reference
-from ._dispatch import check_inputs, use_triton
+from ._dispatch import check_inputs, eps_value, use_triton
 
 
-@torch.library.custom_op("cohere::layer_norm", mutates_args=())
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _layer_norm(x, weight, eps):
     check_inputs("cohere::layer_norm", x, weight)
+    eps = eps_value(eps)
     if use_triton(x):
         return kernel.layer_norm(x.contiguous(), weight.contiguous(), eps)
     return reference.layer_norm(x, weight, eps).contiguous()
 
 
-@layer_norm.register_fake
-def _(x, weight, eps):
+def _layer_norm_fake(x, weight, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("cohere::add3_layer_norm", mutates_args=())
-def add3_layer_norm(
-    residual: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _add3_layer_norm(residual, attn, mlp, weight, eps):
     check_inputs("cohere::add3_layer_norm", residual, attn, mlp, weight)
+    eps = eps_value(eps)
     if use_triton(residual):
         return kernel.add3_layer_norm(
             residual.contiguous(), attn.contiguous(), mlp.contiguous(), weight.contiguous(), eps
@@ -33,10 +34,35 @@ def add3_layer_norm(
     return h.contiguous(), out.contiguous()
 
 
-@add3_layer_norm.register_fake
-def _(residual, attn, mlp, weight, eps):
-    new = lambda: torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)  # noqa: E731
-    return new(), new()
+def _add3_layer_norm_fake(residual, attn, mlp, weight, eps):
+    return _layer_norm_fake(residual, weight, eps), _layer_norm_fake(residual, weight, eps)
 
 
-__all__ = ["layer_norm", "add3_layer_norm"]
+@torch.library.custom_op("cohere::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _layer_norm(x, weight, eps)
+
+
+@torch.library.custom_op("cohere::layer_norm_tensor_eps", mutates_args=())
+def layer_norm_tensor_eps(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return _layer_norm(x, weight, eps)
+
+
+@torch.library.custom_op("cohere::add3_layer_norm", mutates_args=())
+def add3_layer_norm(
+    residual: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _add3_layer_norm(residual, attn, mlp, weight, eps)
+
+
+@torch.library.custom_op("cohere::add3_layer_norm_tensor_eps", mutates_args=())
+def add3_layer_norm_tensor_eps(
+    residual: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _add3_layer_norm(residual, attn, mlp, weight, eps)
+
+
+for _op in (layer_norm, layer_norm_tensor_eps):
+    _op.register_fake(_layer_norm_fake)
+for _op in (add3_layer_norm, add3_layer_norm_tensor_eps):
+    _op.register_fake(_add3_layer_norm_fake)

@@ -1,0 +1,92 @@
+"""``optimize``: compile a Hugging Face Cohere model in place with our backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .backend import make_backend
+from .ops import UnsupportedInputError
+from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
+from .passes import DEFAULT_PASSES
+from .passes.manager import validate_pass_names
+
+SUPPORTED_MODEL_TYPES = {"cohere": "CohereForCausalLM / CohereModel (Command R, Command R+, Aya 23 / Expanse)"}
+
+
+class UnsupportedModelError(TypeError):
+    """optimize() was given a model whose architecture our passes do not know."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    passes: tuple[str, ...] = DEFAULT_PASSES
+    dynamic: bool | None = None
+    fullgraph: bool = False
+    inductor: dict[str, Any] = field(default_factory=dict)
+
+    def backend_options(self) -> dict[str, Any]:
+        return {"passes": list(self.passes), **self.inductor}
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under wrappers such as peft's ``PeftModel``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Raise a clear error for models, dtypes and devices we have no path for."""
+    config = getattr(base_model(model), "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = "; ".join(f"'{k}': {v}" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise UnsupportedModelError(
+            f"cohere_compile.optimize: {type(model).__name__} (model_type={model_type!r}) is not supported. "
+            f"Supported architectures: {supported}. For other models use torch.compile(model) directly."
+        )
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point():
+            continue
+        if tensor.device.type not in SUPPORTED_DEVICES:
+            raise UnsupportedInputError(
+                f"cohere_compile.optimize: parameter '{name}' is on device '{tensor.device.type}'; supported "
+                f"devices are {list(SUPPORTED_DEVICES)}. Move the model with model.to('cuda')."
+            )
+        if tensor.dtype not in SUPPORTED_DTYPES and "rotary_emb" not in name:
+            raise UnsupportedInputError(
+                f"cohere_compile.optimize: parameter '{name}' has dtype {tensor.dtype}; supported dtypes are "
+                f"float32, bfloat16 and float16. Cast the model first, e.g. model.to(torch.bfloat16)."
+            )
+
+
+def optimize(
+    model: torch.nn.Module,
+    passes: Sequence[str] | None = None,
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+    **inductor_options: Any,
+) -> torch.nn.Module:
+    """Compile ``model`` in place with the cohere backend and return the same object.
+
+    The model stays a Hugging Face model (``forward``, ``generate``, ``save_pretrained``
+    work as before); calls go through ``torch.compile`` with our passes enabled.
+    ``passes`` picks rewrites by name (default: all of ``cohere_compile.PASS_NAMES``);
+    extra keyword arguments are Inductor config options (e.g. ``max_autotune=True``).
+    """
+    check_model(model)
+    options = CompileOptions(
+        passes=validate_pass_names(DEFAULT_PASSES if passes is None else passes),
+        dynamic=dynamic,
+        fullgraph=fullgraph,
+        inductor=dict(inductor_options),
+    )
+    model.compile(backend=make_backend(options.backend_options()), dynamic=dynamic, fullgraph=fullgraph)
+    model._cohere_compile_options = options
+    return model
+
+
+def options_of(model: torch.nn.Module) -> CompileOptions:
+    return getattr(model, "_cohere_compile_options", None) or CompileOptions()

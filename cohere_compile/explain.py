@@ -1,0 +1,80 @@
+"""``explain``: which subgraphs our passes rewrote, and where Dynamo broke the graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .api import base_model, check_model, options_of
+from .backend import make_backend
+from .passes import PASS_NAMES, recording
+
+
+def expected_rewrites(config) -> dict[str, int]:
+    """What a complete rewrite of one forward graph of a Cohere model gives."""
+    layers = config.num_hidden_layers
+    return {"qk_norm_rope": layers, "attention": layers, "swiglu": layers, "layer_norm": layers + 1}
+
+
+@dataclass
+class Explanation:
+    matches: dict[str, int]
+    expected: dict[str, int]
+    enabled: tuple[str, ...]
+    graphs: int
+    graph_breaks: int
+    recompiles: int
+    break_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> dict[str, int]:
+        """Enabled passes that rewrote fewer subgraphs than the model has (a bug to report)."""
+        return {
+            name: self.expected[name] - self.matches.get(name, 0)
+            for name in self.enabled
+            if self.matches.get(name, 0) < self.expected[name]
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'pass':<14}{'enabled':>8}{'rewrites':>10}{'expected':>10}  status"]
+        for name in PASS_NAMES:
+            on = name in self.enabled
+            got, want = self.matches.get(name, 0), self.expected[name]
+            status = "-" if not on else "ok" if got == want else "MISSING" if got < want else "extra"
+            lines.append(f"{name:<14}{'yes' if on else 'no':>8}{got:>10}{want:>10}  {status}")
+        lines.append(f"graphs: {self.graphs}  graph breaks: {self.graph_breaks}  recompiles: {self.recompiles}")
+        lines += [f"  break: {reason}" for reason in self.break_reasons]
+        return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module, *args, **kwargs) -> Explanation:
+    """Compile ``model`` for these inputs (caches off, so counts are real) and report
+    the rewrites per pass summed over the compiled graphs, plus Dynamo's graph breaks.
+    Runs under ``torch.no_grad()`` unless the model is in training mode."""
+    check_model(model)
+    options = options_of(model)
+    backend = make_backend(options.backend_options())
+    calls = []
+
+    def counting_backend(gm, example_inputs):
+        calls.append(gm)
+        return backend(gm, example_inputs)
+
+    grad = torch.enable_grad() if model.training else torch.no_grad()
+    with grad, recording() as graphs, torch._inductor.config.patch(force_disable_caches=True):
+        compiled = torch.compile(model.forward, backend=counting_backend, dynamic=options.dynamic)
+        compiled(*args, **kwargs)
+        dynamo_report = torch._dynamo.explain(model.forward)(*args, **kwargs)
+    matches = {name: sum(g.get(name, 0) for g in graphs) for name in PASS_NAMES}
+    n_graphs = len(calls)
+    breaks = int(dynamo_report.graph_break_count)
+    return Explanation(
+        matches=matches,
+        expected=expected_rewrites(base_model(model).config),
+        enabled=options.passes,
+        graphs=n_graphs,
+        graph_breaks=breaks,
+        recompiles=max(0, n_graphs - (breaks + 1)),
+        break_reasons=[str(getattr(r, "reason", r)) for r in dynamo_report.break_reasons],
+    )

@@ -1,0 +1,104 @@
+"""Helpers shared by the pattern-based passes.
+
+Patterns are traced with Inductor's ``fwd_only`` from functions that mirror Hugging
+Face's Cohere code, once with and once without dtype casts, and matched on the joint graph (``joint_custom_post_pass``),
+where views are still ``aten.view`` and inference and training graphs both pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import torch
+from torch._inductor.pattern_matcher import (
+    Match,
+    PatternExpr,
+    PatternMatcherPass,
+    fwd_only,
+    fx_to_pattern,
+    gen_pattern_and_search_gm,
+    register_replacement,
+)
+
+aten = torch.ops.aten
+# Ops whose list argument is a shape burned in by the example trace.
+_SHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+_ANY_SIZE = 0.5  # a float: fx_to_pattern ignores floats, so such a list matches any shape
+
+# An fp32 trace has no casts; a bf16 trace has them. Cast targets are not part of
+# the pattern, so the bf16 trace also matches fp16 graphs.
+TRACE_DTYPES = (torch.float32, torch.bfloat16)
+
+# A value no model uses: the traced literal becomes a pattern argument (Inductor's
+# scalar_workaround), so eps / scale are read from the matched graph, not assumed.
+EPS_PLACEHOLDER = 0.000123456789
+SCALE_PLACEHOLDER = 0.123456789
+
+
+def meta_val(match: Match, name: str):
+    node = match.kwargs[name]
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+
+
+def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict) -> PatternExpr:
+    """Trace ``search_fn`` into a pattern that ignores shapes but keeps every other int.
+
+    Inductor's own patterns ignore all ints on the first match and re-trace with the
+    real shapes to check them; under ``dynamic=True`` that re-trace emits
+    ``sym_size`` nodes the graph does not have, and nothing matches. Here only
+    shape lists (view / reshape / expand) are wildcards; dims, slice starts and
+    steps, exponents and permutations must match exactly, so one trace serves
+    static and dynamic graphs alike.
+    """
+    _, gm = gen_pattern_and_search_gm(search_fn, example_inputs, fwd_only, scalars)
+    for node in gm.graph.nodes:
+        if node.target in _SHAPE_OPS:
+            node.args = (node.args[0], [_ANY_SIZE] * len(node.args[1]), *node.args[2:])
+    return fx_to_pattern(
+        gm,
+        ignore_types=(float, torch.device, torch.dtype),
+        argnames=list(inspect.signature(search_fn).parameters),
+        scalar_workaround=scalars,
+    )
+
+
+def register(
+    patterns: PatternMatcherPass,
+    search_fn: Callable,
+    replace_fn: Callable,
+    make_inputs: Callable[[torch.dtype], Sequence],
+    scalars: dict | None = None,
+    extra_check: Callable[[Match], bool] | None = None,
+) -> None:
+    """Register ``search_fn -> replace_fn`` for fp32 and low-precision graphs.
+
+    ``make_inputs(dtype)`` returns one list of example inputs, or a list of such
+    lists when the traced graph depends on input strides (e.g. ``matmul`` on a
+    transposed view adds a ``clone``). Variants that trace to the same pattern are
+    registered once.
+    """
+    scalars = dict(scalars or {})
+    seen = getattr(patterns, "_cohere_seen", set())
+    patterns._cohere_seen = seen
+    for dtype in TRACE_DTYPES:
+        examples = list(make_inputs(dtype))
+        variants = examples if isinstance(examples[0], (list, tuple)) else [examples]
+        for inputs in variants:
+            inputs = list(inputs)
+            pattern = strict_pattern(search_fn, inputs, scalars)
+            key = (search_fn.__qualname__, str(pattern))
+            if key in seen:
+                continue
+            seen.add(key)
+            kwargs = {"extra_check": extra_check} if extra_check is not None else {}
+            register_replacement(
+                search_fn,
+                replace_fn,
+                inputs,
+                fwd_only,
+                [patterns],
+                scalar_workaround=scalars,
+                search_fn_pattern=pattern,
+                **kwargs,
+            )

@@ -1,0 +1,175 @@
+"""``attention``: the attention core -> ``cohere::flash_attention`` with native GQA.
+
+Two graph shapes reach us:
+- HF ``sdpa``: by the joint graph SDPA is already lowered to a device-specific aten
+  op (``_scaled_dot_product_flash_attention_for_cpu`` on CPU; flash / efficient /
+  cuDNN on CUDA). We rewrite any of them whose extra outputs (log-sum-exp, seeds)
+  are unused, i.e. inference graphs.
+- HF ``eager``: matmul -> scale -> + mask -> fp32 softmax -> cast -> matmul, matched
+  as a traced pattern.
+In both, HF's ``repeat_kv`` (unsqueeze -> expand -> clone -> view) in front of K and V
+is peeled off, so the kernel reads each KV head once for its whole query group.
+"""
+
+import operator
+
+import torch
+from torch._inductor.pattern_matcher import PatternMatcherPass
+
+from ._patterns import SCALE_PLACEHOLDER, register
+
+NAME = "attention"
+aten = torch.ops.aten
+
+# SDPA lowerings -> the name of their mask argument (None: they take no mask)
+_SDPA_TARGETS = {
+    "_scaled_dot_product_flash_attention_for_cpu": "attn_mask",
+    "_scaled_dot_product_flash_attention": None,
+    "_scaled_dot_product_efficient_attention": "attn_bias",
+    "_scaled_dot_product_cudnn_attention": "attn_bias",
+}
+
+
+def _sdpa_overloads():
+    ops = {}
+    for name, mask_arg in _SDPA_TARGETS.items():
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            ops[packet.default] = mask_arg
+    return ops
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def peel_repeat_kv(node: torch.fx.Node) -> torch.fx.Node:
+    """Return the un-repeated KV tensor behind HF's ``repeat_kv``, or ``node`` itself."""
+    view = node
+    if view.op != "call_function" or view.target not in (aten.view.default, aten.reshape.default,
+                                                         aten._unsafe_view.default):
+        return node
+    src = view.args[0]
+    if isinstance(src, torch.fx.Node) and src.target == aten.clone.default:
+        src = src.args[0]
+    if not (isinstance(src, torch.fx.Node) and src.target == aten.expand.default):
+        return node
+    unsq = src.args[0]
+    if not (isinstance(unsq, torch.fx.Node) and unsq.target == aten.unsqueeze.default and unsq.args[1] == 2):
+        return node
+    kv = unsq.args[0]
+    kv_val, out_val = _val(kv), _val(node)
+    if kv_val is None or out_val is None or kv_val.dim() != 4:
+        return node
+    # (B, Hkv, S, D) repeated to (B, Hkv * n_rep, S, D): same batch, length, head_dim
+    if kv_val.shape[0] != out_val.shape[0] or kv_val.shape[2:] != out_val.shape[2:]:
+        return node
+    return kv
+
+
+def rewrite_sdpa(graph: torch.fx.Graph) -> int:
+    """Replace lowered SDPA nodes whose only used output is the attention result."""
+    targets = _sdpa_overloads()
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        mask_arg = targets[node.target]
+        schema_args = node.target._schema.arguments
+        bound = {a.name: a.default_value if a.has_default_value() else None for a in schema_args}
+        bound.update(zip((a.name for a in schema_args), node.args))
+        bound.update(node.kwargs)
+        if bound.get("dropout_p") not in (None, 0.0):
+            continue
+        users = list(node.users)
+        if not all(u.target is operator.getitem for u in users):
+            continue
+        if any(u.args[1] != 0 and u.users for u in users):
+            continue  # log-sum-exp etc. are consumed (a backward needs them): training graph
+        q, k, v = bound["query"], peel_repeat_kv(bound["key"]), peel_repeat_kv(bound["value"])
+        q_val, k_val = _val(q), _val(k)
+        if q_val is None or k_val is None or q_val.shape[1] % k_val.shape[1]:
+            continue
+        mask = bound.get(mask_arg) if mask_arg else None
+        scale = bound.get("scale")
+        if scale is None:
+            scale = q_val.shape[-1] ** -0.5
+        with graph.inserting_before(node):
+            new = graph.call_function(
+                torch.ops.cohere.flash_attention.default,
+                (q, k, v, mask, float(scale), bool(bound.get("is_causal") or False)),
+            )
+        _set_fake_val(new)
+        for u in users:
+            if u.args[1] == 0:
+                u.replace_all_uses_with(new)
+        for u in users:
+            graph.erase_node(u)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _set_fake_val(node: torch.fx.Node) -> None:
+    """Give a hand-inserted node the ``meta['val']`` later Inductor passes rely on."""
+    args = torch.fx.map_arg(node.args, _val)
+    fake_mode = torch._guards.detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
+    with fake_mode:
+        node.meta["val"] = node.target(*args)
+
+
+def _repeat_kv(x, n_rep):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _eager_core(q, k, v, mask, scaling):
+    """HF's eager_attention_forward (inference: dropout is a no-op), after repeat_kv."""
+    w = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if mask is not None:
+        w = w + mask
+    w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v)
+
+
+def _search_gqa(q, k, v, mask, scaling):
+    n_rep = q.shape[1] // k.shape[1]
+    return _eager_core(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), mask, scaling)
+
+
+def _search_mha(q, k, v, mask, scaling):
+    return _eager_core(q, k, v, mask, scaling)
+
+
+def _replace(q, k, v, mask, scaling):
+    return torch.ops.cohere.flash_attention(q, k, v, mask, scaling, False)
+
+
+def _scale_is_float(match) -> bool:
+    return isinstance(match.kwargs.get("scaling"), float)
+
+
+def build() -> list:
+    eager = PatternMatcherPass(pass_name="eager_attention")
+    b, h, kv, s, d = 2, 4, 2, 8, 16
+
+    def inputs(n_kv):
+        # q, k, v arrive as (B, H, S, D) views of (B, S, H, D) (HF's transpose) or
+        # contiguous (after eager RoPE); matmul traces differently for each.
+        def tensor(heads, transposed, dt):
+            if transposed:
+                return torch.randn(b, s, heads, d, dtype=dt).transpose(1, 2)
+            return torch.randn(b, heads, s, d, dtype=dt)
+
+        def variants(dt):
+            return [
+                [tensor(h, tq, dt), tensor(n_kv, tk, dt), tensor(n_kv, tk, dt),
+                 torch.randn(b, 1, s, s, dtype=dt), SCALE_PLACEHOLDER]
+                for tq in (False, True) for tk in (False, True)
+            ]
+        return variants
+
+    scalars = {"scaling": SCALE_PLACEHOLDER}
+    register(eager, _search_gqa, _replace, inputs(kv), scalars=scalars, extra_check=_scale_is_float)
+    register(eager, _search_mha, _replace, inputs(h), scalars=scalars, extra_check=_scale_is_float)
+    return [rewrite_sdpa, eager]

@@ -1,0 +1,100 @@
+"""The pass manager: one Inductor ``CustomGraphPass`` that runs the enabled rewrites.
+
+It is installed as ``joint_custom_post_pass`` (torch 2.11/2.12 take a single pass
+per hook, 2.13 a list: one manager works on all). Its ``uuid`` hashes the source
+of every pass, op and kernel module plus the enabled pass list, so the FX graph
+cache stays on and is never served a graph rewritten by other code or options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import PatternMatcherPass
+
+from .. import ops  # noqa: F401  (registers the cohere:: ops the replacements call)
+from . import attention, layer_norm, qk_norm_rope, swiglu
+
+# Application order matters: qk_norm_rope must claim the per-head norms before
+# layer_norm looks at norms, and layer_norm's fused adds come before plain norms.
+_MODULES = {m.NAME: m for m in (qk_norm_rope, attention, swiglu, layer_norm)}
+PASS_NAMES: tuple[str, ...] = tuple(_MODULES)
+# On by default: every pass (per-pass GPU ablation in bench/results decides; see README).
+DEFAULT_PASSES: tuple[str, ...] = PASS_NAMES
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_HASHED_DIRS = ("passes", "ops", "kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def _stages(name: str) -> tuple:
+    """Patterns are traced once per process, on first use."""
+    return tuple(_MODULES[name].build())
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for sub in _HASHED_DIRS:
+        for path in sorted((_PACKAGE_ROOT / sub).glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class _Recorder(threading.local):
+    def __init__(self):
+        self.stack: list[list[dict[str, int]]] = []
+
+
+_RECORDER = _Recorder()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[dict[str, int]]]:
+    """Collect the rewrite counts of every graph our passes see inside the block
+    (one dict per graph). Counts come from the pass itself, so compile with the
+    FX graph cache off (``explain`` does) or a cache hit reports nothing."""
+    graphs: list[dict[str, int]] = []
+    _RECORDER.stack.append(graphs)
+    try:
+        yield graphs
+    finally:
+        _RECORDER.stack.pop()
+
+
+def validate_pass_names(passes: Iterable[str]) -> tuple[str, ...]:
+    passes = tuple(passes)
+    unknown = [p for p in passes if p not in _MODULES]
+    if unknown:
+        raise ValueError(f"unknown pass name(s) {unknown}; choose from {list(PASS_NAMES)}")
+    return tuple(p for p in PASS_NAMES if p in passes)  # canonical order
+
+
+class CoherePassManager(CustomGraphPass):
+    def __init__(self, passes: Iterable[str] = DEFAULT_PASSES):
+        self.passes = validate_pass_names(passes)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        counts = {}
+        for name in self.passes:
+            counts[name] = 0
+            for stage in _stages(name):
+                found = stage.apply(graph) if isinstance(stage, PatternMatcherPass) else stage(graph)
+                counts[name] += int(found or 0)
+        graph.eliminate_dead_code()
+        for graphs in _RECORDER.stack:
+            graphs.append(counts)
+
+    def uuid(self) -> str:
+        return hashlib.sha256(f"{_source_hash()}|{','.join(self.passes)}|{torch.__version__}".encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"CoherePassManager(passes={list(self.passes)})"
