@@ -1,0 +1,87 @@
+"""Shared benchmark helpers: model shapes, timing with CUDA events, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # Aya 8B (Aya 23 / Expanse 8B): GQA, no QK norm
+    "aya-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=256000, use_qk_norm=False, logit_scale=0.125),
+    # Command R+ (08-2024): QK norm
+    "command-r-plus": dict(hidden_size=12288, intermediate_size=33792, num_hidden_layers=64, num_attention_heads=96,
+                           num_key_value_heads=8, vocab_size=256000, use_qk_norm=True, logit_scale=0.8333),
+}
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_model(shape: str, layers: int | None, dtype=torch.bfloat16, attn="sdpa"):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = CohereConfig(**kw, max_position_embeddings=8192, pad_token_id=0, bos_token_id=5, eos_token_id=255001,
+                       attn_implementation=attn)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"):
+            model = CohereForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    for name, p in model.named_parameters():  # non-trivial norms, like a trained model
+        if "norm" in name:
+            torch.nn.init.normal_(p, 1.0, 0.1)
+    return model
+
+
+def cuda_time_ms(fn, warmup: int = 3, repeats: int = 15) -> dict:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": repeats}
+
+
+def first_call_s(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def write_json(name: str, payload: dict) -> Path:
+    out_dir = Path(os.environ.get("OUT") or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(json.dumps(payload, indent=2))
+    return path

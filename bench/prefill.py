@@ -1,0 +1,90 @@
+"""Prefill benchmark: HF eager vs HF + torch.compile vs cohere_compile, in one run.
+
+    python bench/prefill.py --shape aya-8b --batches 1 4 --seq 2048
+    python bench/prefill.py --shape aya-8b --layers 4 --ablation     # per-pass on/off
+
+Workload: forward over B x T random tokens, logits for the last position only
+(``logits_to_keep=1``), bf16, random weights. Floor: matmul FLOPs at the measured
+bf16 rate (``--tflops``, default 750 for the H200 here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+import cohere_compile as cc
+from common import build_model, cuda_time_ms, environment, first_call_s, write_json
+
+
+def matmul_flops(cfg, batch: int, seq: int) -> float:
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * hd
+    linear = 2 * batch * seq * L * (h * (h + 2 * kv) + h * h + 3 * h * i)
+    attn_causal = 2 * batch * L * cfg.num_attention_heads * seq * seq * hd  # QK^T + PV, causal half
+    head = 2 * batch * h * cfg.vocab_size
+    return linear + attn_causal + head
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="aya-8b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--tflops", type=float, default=750.0)
+    ap.add_argument("--ablation", action="store_true", help="also time each pass switched off / alone")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    model = build_model(args.shape, args.layers)
+    cfg = model.config
+    variants = {
+        "hf_eager": model,
+        "hf_torch_compile": torch.compile(model),
+        "cohere_compile": torch.compile(model, backend="cohere"),
+    }
+    if args.ablation:
+        variants["cohere_no_passes"] = torch.compile(model, backend="cohere", options={"passes": []})
+        for p in cc.PASS_NAMES:
+            rest = [q for q in cc.PASS_NAMES if q != p]
+            variants[f"cohere_without_{p}"] = torch.compile(model, backend="cohere", options={"passes": rest})
+            variants[f"cohere_only_{p}"] = torch.compile(model, backend="cohere", options={"passes": [p]})
+
+    results = []
+    for batch in args.batches:
+        ids = torch.randint(10, cfg.vocab_size, (batch, args.seq), device="cuda")
+        floor_ms = matmul_flops(cfg, batch, args.seq) / (args.tflops * 1e12) * 1e3
+        ref = None
+        for name, fn in variants.items():
+            with torch.no_grad():
+                call = lambda: fn(ids, logits_to_keep=1).logits  # noqa: E731
+                first = first_call_s(call)
+                out = call().float()
+                timing = cuda_time_ms(call, repeats=args.repeats)
+            if ref is None:
+                ref = out
+            rel = ((out - ref).norm() / ref.norm()).item()
+            row = {"variant": name, "batch": batch, "seq": args.seq, "first_call_s": first, **timing,
+                   "rel_err_vs_eager": rel, "floor_ms": floor_ms, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+            results.append(row)
+            print(f"B{batch} x {args.seq} {name:<34} {timing['median_ms']:8.2f} ms  first {first:6.1f}s  "
+                  f"rel_err {rel:.2e}  floor {floor_ms:.1f} ms", flush=True)
+            gc.collect()
+        base = {r["variant"]: r["median_ms"] for r in results if r["batch"] == batch}
+        print(f"  speedup vs torch.compile: {base['hf_torch_compile'] / base['cohere_compile']:.3f}x; "
+              f"vs eager: {base['hf_eager'] / base['cohere_compile']:.3f}x; "
+              f"ours / floor: {base['cohere_compile'] / floor_ms:.2f}", flush=True)
+
+    layers = cfg.num_hidden_layers
+    name = f"prefill_{args.shape}_L{layers}{'_ablation' if args.ablation else ''}{args.tag}.json"
+    path = write_json(name, {"env": environment(), "args": vars(args), "results": results})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures for the CPU test suite.
+
+``TRITON_INTERPRET=1`` must be set before triton / cohere_compile are imported, so the
+``cohere::`` ops run their Triton kernels through Triton's CPU interpreter.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import cohere_compile  # noqa: E402, F401  (registers the cohere:: ops)
+
+# No example database: it would write .hypothesis/ into the repository root.
+settings.register_profile("cohere", database=None, deadline=None)
+settings.load_profile("cohere")
+
+
+def tiny_config(use_qk_norm: bool, num_kv_heads: int, attn_implementation: str = "sdpa", layers: int = 2):
+    return transformers.CohereConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        use_qk_norm=use_qk_norm,
+        attn_implementation=attn_implementation,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def make_model(cfg, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A randomly initialised CohereForCausalLM in eval mode whose LayerNorm weights are
+    not all ones (so a dropped or misplaced norm weight shows up in the logits)."""
+    torch.manual_seed(seed)
+    model = transformers.CohereForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                torch.nn.init.normal_(p, 1.0, 0.1)
+    return model.to(dtype).eval()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def padded_inputs(batch: int = 2, seq: int = 9, pad: int = 3, seed: int = 1):
+    """Left-padded batch: row 1 has its first ``pad`` tokens masked out."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1 and pad:
+        mask[1, :pad] = 0
+        ids[1, :pad] = 0
+    return ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the H200)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
