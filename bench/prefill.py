@@ -16,6 +16,7 @@ import gc
 import torch
 
 import cohere_compile as cc
+from cohere_compile.backend import make_backend
 from common import build_model, cuda_time_ms, environment, first_call_s, write_json
 
 
@@ -41,19 +42,24 @@ def main():
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
+    # Every variant compiles the same code with its own backend: lift Dynamo's
+    # recompile limit so none of them silently falls back to eager.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     model = build_model(args.shape, args.layers)
     cfg = model.config
     variants = {
         "hf_eager": model,
         "hf_torch_compile": torch.compile(model),
-        "cohere_compile": torch.compile(model, backend="cohere"),
+        "cohere_compile": torch.compile(model, backend=make_backend()),
     }
     if args.ablation:
-        variants["cohere_no_passes"] = torch.compile(model, backend="cohere", options={"passes": []})
+        variants["cohere_no_passes"] = torch.compile(model, backend=make_backend({"passes": []}))
         for p in cc.PASS_NAMES:
             rest = [q for q in cc.PASS_NAMES if q != p]
-            variants[f"cohere_without_{p}"] = torch.compile(model, backend="cohere", options={"passes": rest})
-            variants[f"cohere_only_{p}"] = torch.compile(model, backend="cohere", options={"passes": [p]})
+            variants[f"cohere_without_{p}"] = torch.compile(model, backend=make_backend({"passes": rest}))
+            variants[f"cohere_only_{p}"] = torch.compile(model, backend=make_backend({"passes": [p]}))
 
     results = []
     for batch in args.batches:
@@ -68,6 +74,8 @@ def main():
                 timing = cuda_time_ms(call, repeats=args.repeats)
             if ref is None:
                 ref = out
+            elif name != "hf_eager" and first < 0.5:
+                raise RuntimeError(f"{name}: first call took {first:.2f}s: it was not compiled (recompile limit?)")
             rel = ((out - ref).norm() / ref.norm()).item()
             row = {"variant": name, "batch": batch, "seq": args.seq, "first_call_s": first, **timing,
                    "rel_err_vs_eager": rel, "floor_ms": floor_ms, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
