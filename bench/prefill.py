@@ -54,6 +54,7 @@ def main():
         "hf_torch_compile": torch.compile(model),
         "cohere_compile": torch.compile(model, backend=make_backend()),
     }
+    variants["cohere_all_passes"] = torch.compile(model, backend=make_backend({"passes": list(cc.PASS_NAMES)}))
     if args.ablation:
         variants["cohere_no_passes"] = torch.compile(model, backend=make_backend({"passes": []}))
         for p in cc.PASS_NAMES:
