@@ -55,7 +55,7 @@ def test_optimize_rewrites_everything_and_matches_eager(use_qk_norm, kv_heads, a
     ids, am = padded_inputs()
     ref = logits(model, input_ids=ids, attention_mask=am)
 
-    assert cc.optimize(model) is model
+    assert cc.optimize(model, passes=PASS_NAMES) is model
     out = logits(model, input_ids=ids, attention_mask=am)
     assert_matches_eager(out, ref, am, dtype)
 
@@ -64,11 +64,25 @@ def test_optimize_rewrites_everything_and_matches_eager(use_qk_norm, kv_heads, a
     assert explanation.enabled == PASS_NAMES
 
 
+def test_default_passes():
+    """``optimize(model)`` enables exactly ``DEFAULT_PASSES``, each rewriting every layer."""
+    model = make_model(tiny_config(True, 2), torch.float32)
+    ids, am = padded_inputs()
+    ref = logits(model, input_ids=ids, attention_mask=am)
+    cc.optimize(model)
+    assert_matches_eager(logits(model, input_ids=ids, attention_mask=am), ref, am, torch.float32)
+    explanation = cc.explain(model, ids, attention_mask=am)
+    assert explanation.enabled == cc.DEFAULT_PASSES
+    assert explanation.matches == {n: (FULL[n] if n in cc.DEFAULT_PASSES else 0) for n in PASS_NAMES}
+    assert explanation.missing == {}
+    assert explanation.graph_breaks == 0
+
+
 def test_fullgraph_forward_works():
     model = make_model(tiny_config(True, 2), torch.float32)
     ids, am = padded_inputs()
     ref = logits(model, input_ids=ids, attention_mask=am)
-    cc.optimize(model, fullgraph=True)
+    cc.optimize(model, passes=PASS_NAMES, fullgraph=True)
     out = logits(model, input_ids=ids, attention_mask=am)
     assert_matches_eager(out, ref, am, torch.float32)
 
@@ -77,7 +91,7 @@ def test_dynamic_shapes_two_lengths():
     model = make_model(tiny_config(True, 2), torch.float32)
     inputs = [padded_inputs(seq=9, seed=3), padded_inputs(seq=13, seed=4)]
     refs = [logits(model, input_ids=ids, attention_mask=am) for ids, am in inputs]
-    cc.optimize(model, dynamic=True)
+    cc.optimize(model, passes=PASS_NAMES, dynamic=True)
     for (ids, am), ref in zip(inputs, refs):
         assert_matches_eager(logits(model, input_ids=ids, attention_mask=am), ref, am, torch.float32)
     ids, am = inputs[1]
@@ -89,12 +103,15 @@ def test_position_offsets():
     ids, am = padded_inputs(seq=9)
     positions = torch.arange(5, 5 + ids.shape[1]).expand(ids.shape[0], -1)
     ref = logits(model, input_ids=ids, attention_mask=am, position_ids=positions)
-    cc.optimize(model)
+    # RoPE is invariant to a uniform shift, so also use uneven positions, which do change the logits
+    uneven = torch.arange(0, 2 * ids.shape[1], 2).expand(ids.shape[0], -1)
+    ref_uneven = logits(model, input_ids=ids, attention_mask=am, position_ids=uneven)
+    assert rel_err(ref_uneven[am.bool()], ref[am.bool()]) > 1e-3
+    cc.optimize(model, passes=PASS_NAMES)
     out = logits(model, input_ids=ids, attention_mask=am, position_ids=positions)
     assert_matches_eager(out, ref, am, torch.float32)
-    # the offset must matter, or this test would not check that positions reach RoPE
-    plain = logits(model, input_ids=ids, attention_mask=am)
-    assert rel_err(plain[am.bool()], ref[am.bool()]) > 1e-3
+    out_uneven = logits(model, input_ids=ids, attention_mask=am, position_ids=uneven)
+    assert_matches_eager(out_uneven, ref_uneven, am, torch.float32)
 
 
 def _compile_with_backend_and_count(backend):
@@ -199,7 +216,7 @@ def test_greedy_generate_matches_eager():
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert ref.shape[1] > ids.shape[1]
-    cc.optimize(model)
+    cc.optimize(model, passes=PASS_NAMES)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(out, ref)
@@ -208,7 +225,7 @@ def test_greedy_generate_matches_eager():
 def test_explain_twice_gives_identical_counts():
     model = make_model(tiny_config(False, 2), torch.float32)
     ids, am = padded_inputs()
-    cc.optimize(model)
+    cc.optimize(model, passes=PASS_NAMES)
     first = cc.explain(model, ids, attention_mask=am)
     second = cc.explain(model, ids, attention_mask=am)
     assert_full_rewrites(first)
@@ -222,4 +239,4 @@ def test_pass_manager_uuid():
     assert a.uuid() != CoherePassManager(["swiglu"]).uuid()
     # the pass list is canonicalised, so order does not split the cache
     assert CoherePassManager(["swiglu", "layer_norm"]).uuid() == CoherePassManager(["layer_norm", "swiglu"]).uuid()
-    assert CoherePassManager().uuid() != a.uuid()
+    assert CoherePassManager(PASS_NAMES).uuid() != a.uuid()
