@@ -39,6 +39,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--tflops", type=float, default=750.0)
     ap.add_argument("--ablation", action="store_true", help="also time each pass switched off / alone")
+    ap.add_argument("--try", dest="try_sets", action="append", default=[],
+                    help="extra pass set to time, comma separated (e.g. swiglu,attention); repeatable")
+    ap.add_argument("--no-all", action="store_true", help="skip the all-passes variant")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -54,7 +57,11 @@ def main():
         "hf_torch_compile": torch.compile(model),
         "cohere_compile": torch.compile(model, backend=make_backend()),
     }
-    variants["cohere_all_passes"] = torch.compile(model, backend=make_backend({"passes": list(cc.PASS_NAMES)}))
+    if not args.no_all:
+        variants["cohere_all_passes"] = torch.compile(model, backend=make_backend({"passes": list(cc.PASS_NAMES)}))
+    for spec in args.try_sets:
+        chosen = [p for p in spec.split(",") if p]
+        variants["cohere_" + "+".join(chosen)] = torch.compile(model, backend=make_backend({"passes": chosen}))
     if args.ablation:
         variants["cohere_no_passes"] = torch.compile(model, backend=make_backend({"passes": []}))
         for p in cc.PASS_NAMES:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
-from torch._inductor.pattern_matcher import PatternMatcherPass
+from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topological_sort
 
 from .. import ops  # noqa: F401  (registers the cohere:: ops the replacements call)
 from . import attention, layer_norm, qk_norm_rope, swiglu
@@ -96,6 +96,10 @@ class CoherePassManager(CustomGraphPass):
             for stage in _stages(name):
                 found = stage.apply(graph) if isinstance(stage, PatternMatcherPass) else stage(graph)
                 counts[name] += int(found or 0)
+        # A replacement lands where its pattern's first node was; an input defined
+        # later (dynamic=True turns eps into a graph input cast just before use)
+        # must be moved ahead of it, as Inductor's own joint passes do.
+        stable_topological_sort(graph)
         graph.eliminate_dead_code()
         for graphs in _RECORDER.stack:
             graphs.append(counts)
