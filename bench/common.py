@@ -80,8 +80,11 @@ def environment() -> dict:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    out_dir = Path(os.environ.get("OUT") or RESULTS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    path.write_text(json.dumps(payload, indent=2))
+    """Write to bench/results/ and, on the lent GPU machine, also to $OUT (what comes back)."""
+    text = json.dumps(payload, indent=2)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text)
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / name).write_text(text)
     return path
