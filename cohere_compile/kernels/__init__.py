@@ -17,3 +17,12 @@ def interpreting() -> bool:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(int(n))
+
+
+def empty_heads_like(x):
+    """An empty ``(B, H, T, D)`` tensor like ``x``, laid out as ``(B, T, H, D)``: the layout
+    the projections produce, so attention outputs reshape to ``(B, T, H*D)`` for free."""
+    import torch
+
+    b, h, t, d = x.shape
+    return torch.empty((b, t, h, d), dtype=x.dtype, device=x.device).transpose(1, 2)

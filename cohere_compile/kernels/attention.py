@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting, next_pow2
+from . import empty_heads_like, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -159,7 +159,7 @@ def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
     bsz, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     n_rep = n_heads // k.shape[1]
-    out = torch.empty((bsz, q_len, n_heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out = empty_heads_like(q)
     if out.numel() == 0:
         return out
     block_m, block_n, warps, stages = _blocks(q_len, head_dim, q.device)

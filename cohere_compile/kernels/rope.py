@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import next_pow2
+from . import empty_heads_like, next_pow2
 
 
 @triton.jit
@@ -68,19 +68,12 @@ def qk_norm_rope_kernel(
                   b, t, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
 
 
-def _tokens_major(x: torch.Tensor) -> torch.Tensor:
-    """An empty ``(B, H, T, D)`` tensor laid out as ``(B, T, H, D)``: the layout the
-    projections produce and the attention kernel reads without a copy."""
-    b, h, t, d = x.shape
-    return torch.empty((b, t, h, d), dtype=x.dtype, device=x.device).transpose(1, 2)
-
-
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     """q: (B, Hq, T, D), k: (B, Hk, T, D) (any strides); cos/sin: (B|1, T, D).
     Weights (Hq, D) / (Hk, D) or both None (RoPE only). Returns rotated (q, k)."""
     bsz, n_q, seq, dim = q.shape
     n_k = k.shape[1]
-    q_out, k_out = _tokens_major(q), _tokens_major(k)
+    q_out, k_out = empty_heads_like(q), empty_heads_like(k)
     has_norm = q_weight is not None
     if has_norm:
         q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()

@@ -5,13 +5,9 @@ from typing import Optional
 import torch
 
 from ..kernels import attention as kernel
+from ..kernels import empty_heads_like
 from . import reference
 from ._dispatch import check_inputs, use_triton
-
-
-def _queries_major_like(q: torch.Tensor) -> torch.Tensor:
-    b, h, t, d = q.shape
-    return torch.empty((b, t, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 @torch.library.custom_op("cohere::flash_attention", mutates_args=())
@@ -33,9 +29,9 @@ def flash_attention(
         )
     if use_triton(q):
         return kernel.flash_attention(q, k, v, mask, scale, is_causal)
-    return _queries_major_like(q).copy_(reference.flash_attention(q, k, v, mask, scale, is_causal))
+    return empty_heads_like(q).copy_(reference.flash_attention(q, k, v, mask, scale, is_causal))
 
 
 @flash_attention.register_fake
 def _(q, k, v, mask, scale, is_causal):
-    return _queries_major_like(q)
+    return empty_heads_like(q)

@@ -4,14 +4,10 @@ from typing import Optional
 
 import torch
 
+from ..kernels import empty_heads_like
 from ..kernels import rope as kernel
 from . import reference
 from ._dispatch import check_inputs, eps_value, use_triton
-
-
-def _tokens_major_like(x: torch.Tensor) -> torch.Tensor:
-    b, h, t, d = x.shape
-    return torch.empty((b, t, h, d), dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
 def _qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
@@ -25,7 +21,7 @@ def _qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     if use_triton(q):
         return kernel.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
     q_ref, k_ref = reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
-    q_out, k_out = _tokens_major_like(q), _tokens_major_like(k)
+    q_out, k_out = empty_heads_like(q), empty_heads_like(k)
     return q_out.copy_(q_ref), k_out.copy_(k_ref)
 
 
@@ -56,7 +52,7 @@ def qk_norm_rope_tensor_eps(
 
 
 def _fake(q, k, q_weight, k_weight, cos, sin, eps):
-    return _tokens_major_like(q), _tokens_major_like(k)
+    return empty_heads_like(q), empty_heads_like(k)
 
 
 for _op in (qk_norm_rope, qk_norm_rope_tensor_eps):
