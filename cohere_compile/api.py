@@ -55,7 +55,7 @@ def check_model(model: torch.nn.Module) -> None:
                 f"cohere_compile.optimize: parameter '{name}' is on device '{tensor.device.type}'; supported "
                 f"devices are {list(SUPPORTED_DEVICES)}. Move the model with model.to('cuda')."
             )
-        if tensor.dtype not in SUPPORTED_DTYPES and "rotary_emb" not in name:
+        if tensor.dtype not in SUPPORTED_DTYPES:
             raise UnsupportedInputError(
                 f"cohere_compile.optimize: parameter '{name}' has dtype {tensor.dtype}; supported dtypes are "
                 f"float32, bfloat16 and float16. Cast the model first, e.g. model.to(torch.bfloat16)."

@@ -9,7 +9,6 @@ Rounding follows the eager model: the normed head is rounded to the input dtype
 before it is upcast again for the rotation, and the result is rounded once.
 """
 
-import torch
 import triton
 import triton.language as tl
 
