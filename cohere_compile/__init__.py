@@ -9,7 +9,9 @@ torch.compile, without touching the model's code.
 
 from .api import CompileOptions, UnsupportedModelError, optimize
 from .backend import cohere_backend
+from .cache import CacheCapacityError, PagedKVCache, SequenceTooLongError
 from .explain import Explanation, explain
+from .generate import generate
 from .ops import UnsupportedInputError
 from .passes import DEFAULT_PASSES, PASS_NAMES
 
@@ -25,4 +27,8 @@ __all__ = [
     "DEFAULT_PASSES",
     "UnsupportedModelError",
     "UnsupportedInputError",
+    "PagedKVCache",
+    "CacheCapacityError",
+    "SequenceTooLongError",
+    "generate",
 ]

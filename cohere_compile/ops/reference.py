@@ -72,3 +72,47 @@ def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
     return torch.matmul(probs.float(), v.float()).to(q.dtype)
+
+
+def paged_gather(pool, block_table, kv_lens, view_len: int):
+    """Dense (B, Hkv, view_len, D) keys or values of each sequence; positions at or past
+    ``kv_lens[b]`` (and unallocated blocks, table entry -1) read as zeros."""
+    n_blocks, hkv, block_size, d = pool.shape
+    b, max_blocks = block_table.shape
+    n_view_blocks = -(-view_len // block_size)
+    table = block_table[:, :n_view_blocks].long()
+    dense = pool[table.clamp(min=0)]  # (B, nb, Hkv, bs, D)
+    dense = dense.permute(0, 2, 1, 3, 4).reshape(b, hkv, n_view_blocks * block_size, d)[:, :, :view_len]
+    pos = torch.arange(view_len, device=pool.device)
+    valid = pos[None, :] < kv_lens[:, None].to(pos.dtype)
+    return dense * valid[:, None, :, None].to(dense.dtype)
+
+
+def paged_write(k_pool, v_pool, k, v, slots):
+    """Scatter k, v (B, Hkv, T, D) into the pools at flat slots (B, T); -1 = skip."""
+    n_blocks, hkv, block_size, d = k_pool.shape
+    flat = slots.reshape(-1).long()
+    keep = flat >= 0
+    rows_k = k.permute(0, 2, 1, 3).reshape(-1, hkv, d)[keep]
+    rows_v = v.permute(0, 2, 1, 3).reshape(-1, hkv, d)[keep]
+    blk, off = flat[keep] // block_size, flat[keep] % block_size
+    k_pool[blk, :, off] = rows_k.to(k_pool.dtype)
+    v_pool[blk, :, off] = rows_v.to(v_pool.dtype)
+
+
+def paged_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale: float):
+    """Attention of q (B, H, Q, D) over each sequence's first ``kv_lens[b]`` cached positions
+    (by gathering them densely), with an optional mask over the block table's view."""
+    view_len = block_table.shape[1] * k_pool.shape[2]
+    k = paged_gather(k_pool, block_table, kv_lens, view_len)
+    v = paged_gather(v_pool, block_table, kv_lens, view_len)
+    in_range = torch.arange(view_len, device=q.device)[None, :] < kv_lens[:, None].to(torch.long)
+    visible = in_range[:, None, None, :]
+    if mask is not None:
+        mask_visible, bias = visible_and_bias(mask)
+        visible = visible & mask_visible[..., :view_len]
+        bias = bias[..., :view_len] if bias.dim() else bias
+        mask = torch.where(visible, bias, float("-inf"))
+    else:
+        mask = torch.where(visible, 0.0, float("-inf"))
+    return flash_attention(q, k, v, mask.float(), scale, False)

@@ -67,8 +67,9 @@ def peel_repeat_kv(node: torch.fx.Node) -> torch.fx.Node:
     return kv
 
 
-def rewrite_sdpa(graph: torch.fx.Graph) -> int:
-    """Replace lowered SDPA nodes whose only used output is the attention result."""
+def rewrite_sdpa(graph: torch.fx.Graph, accept=None) -> int:
+    """Replace lowered SDPA nodes whose only used output is the attention result
+    (and, when given, for which ``accept(q, k, v)`` holds, K/V with repeat_kv peeled)."""
     targets = _sdpa_overloads()
     count = 0
     for node in list(graph.nodes):
@@ -89,6 +90,8 @@ def rewrite_sdpa(graph: torch.fx.Graph) -> int:
         q, k, v = bound["query"], peel_repeat_kv(bound["key"]), peel_repeat_kv(bound["value"])
         q_val, k_val = _val(q), _val(k)
         if q_val is None or k_val is None or q_val.shape[1] % k_val.shape[1]:
+            continue
+        if accept is not None and not accept(q, k, v):
             continue
         mask = bound.get(mask_arg) if mask_arg else None
         scale = bound.get("scale")
@@ -149,8 +152,8 @@ def _scale_is_float(match) -> bool:
     return isinstance(match.kwargs.get("scaling"), float)
 
 
-def build() -> list:
-    eager = PatternMatcherPass(pass_name="eager_attention")
+def register_eager_patterns(eager: PatternMatcherPass, extra_check=_scale_is_float) -> None:
+    """HF eager attention (GQA and MHA, transposed or contiguous q/k/v) -> flash_attention."""
     b, h, kv, s, d = 2, 4, 2, 8, 16
 
     def inputs(n_kv):
@@ -170,6 +173,11 @@ def build() -> list:
         return variants
 
     scalars = {"scaling": SCALE_PLACEHOLDER}
-    register(eager, _search_gqa, _replace, inputs(kv), scalars=scalars, extra_check=_scale_is_float)
-    register(eager, _search_mha, _replace, inputs(h), scalars=scalars, extra_check=_scale_is_float)
+    register(eager, _search_gqa, _replace, inputs(kv), scalars=scalars, extra_check=extra_check)
+    register(eager, _search_mha, _replace, inputs(h), scalars=scalars, extra_check=extra_check)
+
+
+def build() -> list:
+    eager = PatternMatcherPass(pass_name="eager_attention")
+    register_eager_patterns(eager)
     return [rewrite_sdpa, eager]

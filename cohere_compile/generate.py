@@ -1,0 +1,216 @@
+"""``generate``: continuous-batching decode over a ``PagedKVCache``.
+
+Prompts of different lengths are decoded together: each takes a cache row, is
+prefilled on its own, then joins the batch; a finished sequence frees its row and
+blocks, and the next waiting prompt joins. The decode step always runs over every
+cache row (idle rows write nothing), so it has one fixed shape: compiled once with
+our passes (``paged_attention`` reads the cache through the block table) and, on
+CUDA, replayed as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterable, Sequence
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .api import base_model, check_model, options_of
+from .backend import make_backend
+from .cache import PagedKVCache
+
+TokenCallback = Callable[[int, int], None]  # (prompt index, new token id)
+
+
+def _as_token_lists(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
+        raise TypeError("generate: prompts must be a list of token-id lists or 1-D tensors (one per prompt)")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            if p.dim() != 1 or p.is_floating_point():
+                raise TypeError(f"generate: prompt {i} must be a 1-D integer tensor, got {p.dim()}-D {p.dtype}")
+            p = p.tolist()
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+        out.append(p)
+    return out
+
+
+def _stop_set(model, stop_tokens) -> frozenset[int]:
+    if stop_tokens is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stop_tokens = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    return frozenset(int(t) for t in stop_tokens)
+
+
+def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+class _Sampler:
+    def __init__(self, temperature, top_k, top_p, seed):
+        if temperature < 0:
+            raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
+        self.greedy = temperature == 0
+        self.warpers = None if self.greedy else _warpers(temperature, top_k, top_p)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> list[int]:
+        if self.greedy:
+            return logits.argmax(-1).tolist()
+        scores = self.warpers(None, logits.float())
+        probs = torch.softmax(scores, dim=-1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).tolist()
+
+
+def _decode_step_fn(model, cache: PagedKVCache, compile_decode: bool, cuda_graphs: bool | None):
+    """The decode forward: the model's forward compiled with our passes (paged_attention
+    included) as one fixed-shape graph, a CUDA graph on CUDA unless ``cuda_graphs=False``."""
+    forward = base_model(model).forward
+    if not compile_decode:
+        return forward
+    passes = tuple(dict.fromkeys(options_of(model).passes + ("paged_attention",)))
+    options = {"passes": list(passes)}
+    if cuda_graphs is None:
+        cuda_graphs = cache.device.type == "cuda"
+    if cuda_graphs:
+        options["triton.cudagraphs"] = True
+    return torch.compile(forward, backend=make_backend(options), fullgraph=True, dynamic=False)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    callback: TokenCallback | None = None,
+    max_batch_size: int | None = None,
+    cache: PagedKVCache | None = None,
+    block_size: int = 256,
+    compile_decode: bool = True,
+    cuda_graphs: bool | None = None,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` tokens for every prompt; returns one list of new
+    token ids per prompt (prompt excluded, stop token included when one ends it).
+
+    ``temperature=0`` is greedy; otherwise sampling with optional ``top_k`` / ``top_p``
+    (``seed`` makes it repeatable). ``stop_tokens`` defaults to the model's EOS ids
+    (pass ``()`` to run every sequence to ``max_new_tokens``). ``callback(i, token)``
+    streams each new token of prompt ``i``. Up to ``max_batch_size`` sequences (default:
+    all prompts, at most 32) decode together; the rest wait for a free row. ``cache``
+    may be given (e.g. to size the pool); it is reset first.
+    """
+    check_model(model)
+    prompts = _as_token_lists(prompts)
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    config = base_model(model).config
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if cache is None:
+        rows = min(len(prompts), max_batch_size or 32)
+        blocks_per_seq = -(-longest // block_size)
+        cache = PagedKVCache(config, rows, rows * blocks_per_seq * block_size, block_size=block_size,
+                             dtype=next(model.parameters()).dtype, device=device,
+                             max_seq_len=blocks_per_seq * block_size)
+    limit = getattr(config, "max_position_embeddings", None)
+    for i, p in enumerate(prompts):
+        need = len(p) + max_new_tokens
+        if limit is not None and need > limit:
+            raise ValueError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens} = {need} "
+                             f"exceeds the model's max_position_embeddings {limit}")
+        if need > cache.max_seq_len or -(-need // cache.block_size) > cache.num_blocks:
+            raise ValueError(f"generate: prompt {i} needs {need} cache positions, more than the cache holds for one "
+                             f"sequence (max_seq_len {cache.max_seq_len}, {cache.num_blocks} blocks of "
+                             f"{cache.block_size}); build a larger PagedKVCache or shorten the request")
+    cache.reset()
+    cache.host_managed = True
+    sampler = _Sampler(temperature, top_k, top_p, seed)
+    stop = _stop_set(model, stop_tokens)
+    decode = _decode_step_fn(model, cache, compile_decode, cuda_graphs)
+    bs = cache.block_size
+
+    results: list[list[int]] = [[] for _ in prompts]
+    waiting = deque(range(len(prompts)))
+    row_of: dict[int, int] = {}  # prompt index -> cache row
+    reserved = {}  # cache row -> blocks its sequence may still need at most (admission control)
+    free_rows = list(range(cache.rows - 1, -1, -1))
+
+    def emit(i: int, token: int) -> bool:
+        """Record a token; True when prompt i is finished."""
+        results[i].append(token)
+        if callback is not None:
+            callback(i, token)
+        return token in stop or len(results[i]) >= max_new_tokens
+
+    def finish(i: int) -> None:
+        row = row_of.pop(i)
+        cache.free(row)
+        reserved.pop(row)
+        free_rows.append(row)
+
+    def admit() -> None:
+        while waiting and free_rows:
+            i = waiting[0]
+            need = -(-(len(prompts[i]) + max_new_tokens) // bs)
+            if sum(reserved.values()) + need > cache.num_blocks:
+                return  # wait for a running sequence to free its blocks
+            waiting.popleft()
+            row = free_rows.pop()
+            row_of[i], reserved[row] = row, need
+            prefill(i, row)
+
+    def prefill(i: int, row: int) -> None:
+        tokens = prompts[i]
+        n = len(tokens)
+        cache.prepare([row], n)
+        view = cache.step_view_len
+        q = torch.arange(n, device=device)
+        mask = (torch.arange(view, device=device)[None, :] <= q[:, None])[None, None]
+        out = model(input_ids=torch.tensor([tokens], device=device), position_ids=q[None],
+                    attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if emit(i, sampler(out.logits[:, -1])[0]):
+            finish(i)
+
+    positions = torch.arange(cache.max_seq_len, device=device)
+    admit()
+    while row_of:
+        active = dict(row_of)  # prompt -> row, for this step
+        rows = sorted(active.values())
+        ids = [0] * cache.rows
+        pos = [0] * cache.rows
+        for i, row in active.items():
+            ids[row], pos[row] = results[i][-1], cache.seq_lens[row]
+        cache.prepare(rows, 1, decode_all_rows=True)
+        mask = (positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :]
+        out = decode(input_ids=torch.tensor(ids, device=device)[:, None],
+                     position_ids=torch.tensor(pos, device=device)[:, None],
+                     attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tokens = sampler(out.logits[:, -1])
+        for i, row in active.items():
+            if emit(i, tokens[row]):
+                finish(i)
+        admit()
+    cache.host_managed = False
+    return results
