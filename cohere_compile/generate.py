@@ -10,6 +10,7 @@ CUDA, replayed as a CUDA graph.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
@@ -80,17 +81,22 @@ class _Sampler:
 
 def _decode_step_fn(model, cache: PagedKVCache, compile_decode: bool, cuda_graphs: bool | None):
     """The decode forward: the model's forward compiled with our passes (paged_attention
-    included) as one fixed-shape graph, a CUDA graph on CUDA unless ``cuda_graphs=False``."""
-    forward = base_model(model).forward
+    included) as one fixed-shape graph, a CUDA graph on CUDA unless ``cuda_graphs=False``.
+    Kept on the model, so later calls reuse the compiled step."""
+    hf_model = base_model(model)
     if not compile_decode:
-        return forward
+        return hf_model.forward
     passes = tuple(dict.fromkeys(options_of(model).passes + ("paged_attention",)))
-    options = {"passes": list(passes)}
     if cuda_graphs is None:
         cuda_graphs = cache.device.type == "cuda"
-    if cuda_graphs:
-        options["triton.cudagraphs"] = True
-    return torch.compile(forward, backend=make_backend(options), fullgraph=True, dynamic=False)
+    key = (passes, bool(cuda_graphs))
+    steps = hf_model.__dict__.setdefault("_cohere_decode_steps", {})
+    if key not in steps:
+        options = {"passes": list(passes)}
+        if cuda_graphs:
+            options["triton.cudagraphs"] = True
+        steps[key] = torch.compile(hf_model.forward, backend=make_backend(options), fullgraph=True, dynamic=False)
+    return steps[key]
 
 
 @torch.no_grad()
@@ -110,6 +116,7 @@ def generate(
     compile_decode: bool = True,
     cuda_graphs: bool | None = None,
     seed: int | None = None,
+    stats: dict | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for every prompt; returns one list of new
     token ids per prompt (prompt excluded, stop token included when one ends it).
@@ -119,7 +126,8 @@ def generate(
     (pass ``()`` to run every sequence to ``max_new_tokens``). ``callback(i, token)``
     streams each new token of prompt ``i``. Up to ``max_batch_size`` sequences (default:
     all prompts, at most 32) decode together; the rest wait for a free row. ``cache``
-    may be given (e.g. to size the pool); it is reset first.
+    may be given (e.g. to size the pool); it is reset first. ``stats``, a dict, receives
+    timings: prefill_s, decode_s (wall, synchronised), decode_steps, prefills.
     """
     check_model(model)
     prompts = _as_token_lists(prompts)
@@ -188,29 +196,45 @@ def generate(
         view = cache.step_view_len
         q = torch.arange(n, device=device)
         mask = (torch.arange(view, device=device)[None, :] <= q[:, None])[None, None]
+        t0 = time.perf_counter()
         out = model(input_ids=torch.tensor([tokens], device=device), position_ids=q[None],
                     attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        if emit(i, sampler(out.logits[:, -1])[0]):
+        token = sampler(out.logits[:, -1])[0]  # .tolist() inside synchronises
+        timing["prefill_s"] += time.perf_counter() - t0
+        timing["prefills"] += 1
+        if emit(i, token):
             finish(i)
 
     positions = torch.arange(cache.max_seq_len, device=device)
-    admit()
-    while row_of:
-        active = dict(row_of)  # prompt -> row, for this step
-        rows = sorted(active.values())
-        ids = [0] * cache.rows
-        pos = [0] * cache.rows
-        for i, row in active.items():
-            ids[row], pos[row] = results[i][-1], cache.seq_lens[row]
-        cache.prepare(rows, 1, decode_all_rows=True)
-        mask = (positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :]
-        out = decode(input_ids=torch.tensor(ids, device=device)[:, None],
-                     position_ids=torch.tensor(pos, device=device)[:, None],
-                     attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        tokens = sampler(out.logits[:, -1])
-        for i, row in active.items():
-            if emit(i, tokens[row]):
-                finish(i)
+
+    def _decode_loop() -> None:
+        while row_of:
+            t0 = time.perf_counter()
+            active = dict(row_of)  # prompt -> row, for this step
+            rows = sorted(active.values())
+            ids = [0] * cache.rows
+            pos = [0] * cache.rows
+            for i, row in active.items():
+                ids[row], pos[row] = results[i][-1], cache.seq_lens[row]
+            cache.prepare(rows, 1, decode_all_rows=True)
+            mask = (positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :]
+            out = decode(input_ids=torch.tensor(ids, device=device)[:, None],
+                         position_ids=torch.tensor(pos, device=device)[:, None],
+                         attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tokens = sampler(out.logits[:, -1])
+            timing["decode_s"] += time.perf_counter() - t0
+            timing["decode_steps"] += 1
+            for i, row in active.items():
+                if emit(i, tokens[row]):
+                    finish(i)
+            admit()
+
+    timing = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefills": 0}
+    try:
         admit()
-    cache.host_managed = False
+        _decode_loop()
+    finally:
+        cache.host_managed = False
+    if stats is not None:
+        stats.update(timing)
     return results

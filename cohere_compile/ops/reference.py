@@ -60,18 +60,19 @@ def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
     n_rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(n_rep, dim=1)
     v = v.repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math, fp64 when the test asks
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     q_len, kv_len = scores.shape[-2:]
     visible = torch.ones_like(scores, dtype=torch.bool)
     if mask is not None:
         mask_visible, bias = visible_and_bias(mask)
         visible = visible & mask_visible
-        scores = scores + bias
+        scores = scores + bias.to(acc)
     if is_causal:
         visible = visible & torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
-    return torch.matmul(probs.float(), v.float()).to(q.dtype)
+    return torch.matmul(probs.to(acc), v.to(acc)).to(q.dtype)
 
 
 def paged_gather(pool, block_table, kv_lens, view_len: int):
