@@ -79,6 +79,12 @@ class _Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).tolist()
 
 
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-D mask HF passes through untouched to every attention implementation: additive
+    (0 = attend, dtype min = masked), since eager attention adds the mask to its scores."""
+    return torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
 def _decode_step_fn(model, cache: PagedKVCache, compile_decode: bool, cuda_graphs: bool | None):
     """The decode forward: the model's forward compiled with our passes (paged_attention
     included) as one fixed-shape graph, a CUDA graph on CUDA unless ``cuda_graphs=False``.
@@ -195,7 +201,7 @@ def generate(
         cache.prepare([row], n)
         view = cache.step_view_len
         q = torch.arange(n, device=device)
-        mask = (torch.arange(view, device=device)[None, :] <= q[:, None])[None, None]
+        mask = _additive((torch.arange(view, device=device)[None, :] <= q[:, None])[None, None], dtype)
         t0 = time.perf_counter()
         out = model(input_ids=torch.tensor([tokens], device=device), position_ids=q[None],
                     attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -206,6 +212,7 @@ def generate(
             finish(i)
 
     positions = torch.arange(cache.max_seq_len, device=device)
+    dtype = next(model.parameters()).dtype
 
     def _decode_loop() -> None:
         while row_of:
@@ -217,7 +224,7 @@ def generate(
             for i, row in active.items():
                 ids[row], pos[row] = results[i][-1], cache.seq_lens[row]
             cache.prepare(rows, 1, decode_all_rows=True)
-            mask = (positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :]
+            mask = _additive((positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :], dtype)
             out = decode(input_ids=torch.tensor(ids, device=device)[:, None],
                          position_ids=torch.tensor(pos, device=device)[:, None],
                          attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)

@@ -222,7 +222,8 @@ def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn):
     cache.host_managed = True
     cache.prepare([0, 1], 5)
     cache.prepare([0, 1], 1, decode_all_rows=True)
-    mask = (torch.arange(cache.max_seq_len)[None, :] < cache.step_lens[:, None])[:, None, None, :]
+    visible = (torch.arange(cache.max_seq_len)[None, :] < cache.step_lens[:, None])[:, None, None, :]
+    mask = torch.where(visible, 0.0, torch.finfo(torch.float32).min)  # additive: eager attention adds it
     rep = cc.explain(model, input_ids=torch.tensor([[5], [9]]), position_ids=torch.tensor([[5], [5]]),
                      attention_mask=mask, past_key_values=cache, use_cache=True)
     assert rep.matches["paged_attention"] == model.config.num_hidden_layers
