@@ -64,19 +64,26 @@ def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> Logi
 
 
 class _Sampler:
-    def __init__(self, temperature, top_k, top_p, seed):
+    """Picks the next token of every row on the device (no host round trip)."""
+
+    def __init__(self, temperature, top_k, top_p, seed, device):
         if temperature < 0:
             raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
         self.greedy = temperature == 0
         self.warpers = None if self.greedy else _warpers(temperature, top_k, top_p)
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor) -> list[int]:
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.greedy:
-            return logits.argmax(-1).tolist()
-        scores = self.warpers(None, logits.float())
-        probs = torch.softmax(scores, dim=-1).cpu()
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).tolist()
+            return logits.argmax(-1)
+        probs = torch.softmax(self.warpers(None, logits.float()), dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints to the device without a stream sync (pinned staging on CUDA)."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +92,8 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
-def _decode_step_fn(model, cache: PagedKVCache, compile_decode: bool, cuda_graphs: bool | None):
+def _decode_step_fn(model, cache: PagedKVCache, compile_decode: bool, cuda_graphs: bool | None,
+                    inductor_options: dict | None = None):
     """The decode forward: the model's forward compiled with our passes (paged_attention
     included) as one fixed-shape graph, a CUDA graph on CUDA unless ``cuda_graphs=False``.
     Kept on the model, so later calls reuse the compiled step."""
@@ -95,10 +103,11 @@ def _decode_step_fn(model, cache: PagedKVCache, compile_decode: bool, cuda_graph
     passes = tuple(dict.fromkeys(options_of(model).passes + ("paged_attention",)))
     if cuda_graphs is None:
         cuda_graphs = cache.device.type == "cuda"
-    key = (passes, bool(cuda_graphs))
+    inductor_options = {**options_of(model).inductor, **(inductor_options or {})}
+    key = (passes, bool(cuda_graphs), tuple(sorted(inductor_options.items())))
     steps = hf_model.__dict__.setdefault("_cohere_decode_steps", {})
     if key not in steps:
-        options = {"passes": list(passes)}
+        options = {"passes": list(passes), **inductor_options}
         if cuda_graphs:
             options["triton.cudagraphs"] = True
         steps[key] = torch.compile(hf_model.forward, backend=make_backend(options), fullgraph=True, dynamic=False)
@@ -123,6 +132,7 @@ def generate(
     cuda_graphs: bool | None = None,
     seed: int | None = None,
     stats: dict | None = None,
+    inductor_options: dict | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for every prompt; returns one list of new
     token ids per prompt (prompt excluded, stop token included when one ends it).
@@ -134,6 +144,8 @@ def generate(
     all prompts, at most 32) decode together; the rest wait for a free row. ``cache``
     may be given (e.g. to size the pool); it is reset first. ``stats``, a dict, receives
     timings: prefill_s, decode_s (wall, synchronised), decode_steps, prefills.
+    ``inductor_options`` are Inductor config patches for the compiled decode step (on top
+    of those given to ``cc.optimize``), e.g. ``{"coordinate_descent_tuning": True}``.
     """
     check_model(model)
     prompts = _as_token_lists(prompts)
@@ -160,16 +172,20 @@ def generate(
                              f"{cache.block_size}); build a larger PagedKVCache or shorten the request")
     cache.reset()
     cache.host_managed = True
-    sampler = _Sampler(temperature, top_k, top_p, seed)
+    sampler = _Sampler(temperature, top_k, top_p, seed, device)
     stop = _stop_set(model, stop_tokens)
-    decode = _decode_step_fn(model, cache, compile_decode, cuda_graphs)
+    decode = _decode_step_fn(model, cache, compile_decode, cuda_graphs, inductor_options)
     bs = cache.block_size
 
     results: list[list[int]] = [[] for _ in prompts]
     waiting = deque(range(len(prompts)))
-    row_of: dict[int, int] = {}  # prompt index -> cache row
-    reserved = {}  # cache row -> blocks its sequence may still need at most (admission control)
+    row_of: dict[int, int] = {}  # running prompt index -> cache row
+    reserved = {}  # cache row -> most blocks its sequence may still take (admission control)
     free_rows = list(range(cache.rows - 1, -1, -1))
+    last_ids = torch.zeros(cache.rows, 1, dtype=torch.long, device=device)  # each row's newest token
+    positions = torch.arange(cache.max_seq_len, device=device)
+    dtype = next(model.parameters()).dtype
+    timing = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefills": 0}
 
     def emit(i: int, token: int) -> bool:
         """Record a token; True when prompt i is finished."""
@@ -196,50 +212,72 @@ def generate(
             prefill(i, row)
 
     def prefill(i: int, row: int) -> None:
+        t0 = time.perf_counter()
         tokens = prompts[i]
         n = len(tokens)
         cache.prepare([row], n)
-        view = cache.step_view_len
         q = torch.arange(n, device=device)
-        mask = _additive((torch.arange(view, device=device)[None, :] <= q[:, None])[None, None], dtype)
-        t0 = time.perf_counter()
+        mask = _additive((torch.arange(cache.step_view_len, device=device)[None, :] <= q[:, None])[None, None], dtype)
         out = model(input_ids=torch.tensor([tokens], device=device), position_ids=q[None],
                     attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = sampler(out.logits[:, -1])[0]  # .tolist() inside synchronises
+        token = sampler(out.logits[:, -1])
+        last_ids[row] = token
+        token = int(token.item())
         timing["prefill_s"] += time.perf_counter() - t0
         timing["prefills"] += 1
         if emit(i, token):
             finish(i)
 
-    positions = torch.arange(cache.max_seq_len, device=device)
-    dtype = next(model.parameters()).dtype
+    def launch_step(active: dict[int, int]) -> tuple:
+        """Queue one decode step for the ``active`` rows (the others idle); returns what
+        reading its tokens needs."""
+        pos = [0] * cache.rows
+        for row in active.values():
+            pos[row] = cache.seq_lens[row]
+        cache.prepare(sorted(active.values()), 1, decode_all_rows=True)
+        visible = (positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :]
+        out = decode(input_ids=last_ids, position_ids=_to_device(pos, device)[:, None],
+                     attention_mask=_additive(visible, dtype), past_key_values=cache, use_cache=True,
+                     logits_to_keep=1)
+        tokens = sampler(out.logits[:, -1])
+        last_ids.copy_(tokens[:, None])
+        host = tokens.to("cpu", non_blocking=True)
+        done = torch.cuda.Event() if device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        return active, host, done
 
-    def _decode_loop() -> None:
-        while row_of:
-            t0 = time.perf_counter()
-            active = dict(row_of)  # prompt -> row, for this step
-            rows = sorted(active.values())
-            ids = [0] * cache.rows
-            pos = [0] * cache.rows
-            for i, row in active.items():
-                ids[row], pos[row] = results[i][-1], cache.seq_lens[row]
-            cache.prepare(rows, 1, decode_all_rows=True)
-            mask = _additive((positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :], dtype)
-            out = decode(input_ids=torch.tensor(ids, device=device)[:, None],
-                         position_ids=torch.tensor(pos, device=device)[:, None],
-                         attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            tokens = sampler(out.logits[:, -1])
-            timing["decode_s"] += time.perf_counter() - t0
-            timing["decode_steps"] += 1
-            for i, row in active.items():
-                if emit(i, tokens[row]):
-                    finish(i)
-            admit()
+    def read_step(active, host, done) -> None:
+        if done is not None:
+            done.synchronize()
+        tokens = host.tolist()
+        timing["decode_steps"] += 1
+        for i, row in active.items():
+            if i in row_of and emit(i, tokens[row]):
+                finish(i)
 
-    timing = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefills": 0}
+    # Steps are pipelined: step t+1 is queued before step t's tokens are read on the
+    # host, so the GPU does not wait for Python. A row that is still short of
+    # max_new_tokens runs in step t+1 even if step t's token turns out to stop it:
+    # that token is dropped (read_step skips finished rows), and waiting prompts are
+    # admitted once that step has landed.
     try:
         admit()
-        _decode_loop()
+        loop_start, prefill_before = time.perf_counter(), timing["prefill_s"]
+        pending = None
+        while row_of or pending is not None:
+            in_flight = pending[0] if pending is not None else {}
+            active = {i: row for i, row in row_of.items() if len(results[i]) + (i in in_flight) < max_new_tokens}
+            current = launch_step(active) if active else None
+            if pending is not None:
+                read_step(*pending)
+            pending = current
+            if pending is None or (waiting and free_rows) or any(i not in row_of for i in pending[0]):
+                if pending is not None:
+                    read_step(*pending)
+                    pending = None
+                admit()
+        timing["decode_s"] = time.perf_counter() - loop_start - (timing["prefill_s"] - prefill_before)
     finally:
         cache.host_managed = False
     if stats is not None:

@@ -209,8 +209,8 @@ class PagedKVCache(Cache):
                 pos = self.seq_lens[row]
                 slots[row] = self.row_blocks[row][pos // self.block_size] * self.block_size + pos % self.block_size
                 lens[row] = pos + 1
-            self._decode_slots.copy_(torch.tensor(slots, dtype=torch.int64).view(-1, 1))
-            self._decode_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+            self._upload(self._decode_slots, torch.tensor(slots, dtype=torch.int64).view(-1, 1))
+            self._upload(self._decode_lens, torch.tensor(lens, dtype=torch.int32))
             self.step_slots, self.step_lens, self.step_table = self._decode_slots, self._decode_lens, self.block_table
             self.step_view_len = self.max_seq_len
         else:
@@ -226,6 +226,13 @@ class PagedKVCache(Cache):
             self.step_view_len = min(self.max_seq_len, _cdiv(max(lens), self.block_size) * self.block_size)
         for row in rows:
             self.seq_lens[row] += n_tokens
+
+    def _upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Host -> device without a stream sync (pinned staging), so the host can queue the
+        next decode step while the GPU runs the current one."""
+        if dst.device.type == "cuda":
+            src = src.pin_memory()
+        dst.copy_(src, non_blocking=True)
 
     @torch.compiler.disable
     def _prepare_hf_forward(self, batch: int, n_tokens: int) -> None:

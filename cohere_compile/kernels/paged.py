@@ -67,7 +67,7 @@ def paged_decode_kernel(
     n_kv_heads, group, n_splits, split_len, scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
@@ -103,7 +103,7 @@ def paged_decode_kernel(
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = g_ok[:, None] & ok[None, :]
         if HAS_MASK:
             mv = tl.load(mask_ptr + b * smb + heads[:, None] * smh + pos[None, :] * smn,
@@ -121,7 +121,7 @@ def paged_decode_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     part = (bh * BLOCK_G + g) * n_splits + s
@@ -159,10 +159,12 @@ def paged_merge_kernel(
 
 
 def _n_splits(batch_kv_heads: int, view_len: int, block_n: int) -> int:
-    """Enough programs to fill the GPU (~4 per SM on 132 SMs) without splits
+    """Splits per (sequence, KV head). Sequences are usually shorter than the view, so
+    splits past a sequence's end exit at once: aim for ~4096 programs in all, so the
+    ones with work still fill 132 SMs with enough loads in flight, but never a split
     shorter than one tile."""
     tiles = triton.cdiv(view_len, block_n)
-    return max(1, min(tiles, triton.cdiv(512, batch_kv_heads)))
+    return max(1, min(tiles, triton.cdiv(4096, batch_kv_heads)))
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale, out):
@@ -196,7 +198,8 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale,
         HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
         D=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         UPCAST_DOT=interpreting() and q.dtype != torch.float32,
-        num_warps=4,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 in, fp32 exact (no TF32)
+        num_warps=4, num_stages=3,
     )
     paged_merge_kernel[(b * hkv, group)](
         part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(3),
