@@ -92,26 +92,36 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
-def _decode_step_fn(model, cache: PagedKVCache, compile_decode: bool, cuda_graphs: bool | None,
-                    inductor_options: dict | None = None):
-    """The decode forward: the model's forward compiled with our passes (paged_attention
-    included) as one fixed-shape graph, a CUDA graph on CUDA unless ``cuda_graphs=False``.
-    Kept on the model, so later calls reuse the compiled step."""
+# Decode-step Inductor defaults on CUDA: coordinate-descent tuning of the step's Triton
+# kernels measured 5.45 vs 5.92 ms per Aya-8B B1 step on the H200 (bench/results/decode_*_probe.json).
+CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True}
+
+
+def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: bool | None,
+                       inductor_options: dict | None = None):
+    """(prefill, decode): the model's forward compiled with our passes (paged_attention
+    included). Decode is one fixed-shape graph, a CUDA graph on CUDA unless
+    ``cuda_graphs=False``; prefill is one graph for every prompt length (dynamic).
+    Kept on the model, so later calls reuse them."""
     hf_model = base_model(model)
-    if not compile_decode:
-        return hf_model.forward
+    if not compiled:
+        return hf_model.forward, hf_model.forward
+    on_cuda = cache.device.type == "cuda"
     passes = tuple(dict.fromkeys(options_of(model).passes + ("paged_attention",)))
-    if cuda_graphs is None:
-        cuda_graphs = cache.device.type == "cuda"
-    inductor_options = {**options_of(model).inductor, **(inductor_options or {})}
-    key = (passes, bool(cuda_graphs), tuple(sorted(inductor_options.items())))
-    steps = hf_model.__dict__.setdefault("_cohere_decode_steps", {})
-    if key not in steps:
-        options = {"passes": list(passes), **inductor_options}
+    cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+    user = {**options_of(model).inductor, **(inductor_options or {})}
+    decode_options = {**(CUDA_DECODE_INDUCTOR if on_cuda else {}), **user}
+    key = (passes, bool(cuda_graphs), tuple(sorted(decode_options.items())), tuple(sorted(user.items())))
+    cached = hf_model.__dict__.setdefault("_cohere_generate_fns", {})
+    if key not in cached:
+        decode = {"passes": list(passes), **decode_options}
         if cuda_graphs:
-            options["triton.cudagraphs"] = True
-        steps[key] = torch.compile(hf_model.forward, backend=make_backend(options), fullgraph=True, dynamic=False)
-    return steps[key]
+            decode["triton.cudagraphs"] = True
+        cached[key] = (
+            torch.compile(hf_model.forward, backend=make_backend({"passes": list(passes), **user}), dynamic=True),
+            torch.compile(hf_model.forward, backend=make_backend(decode), fullgraph=True, dynamic=False),
+        )
+    return cached[key]
 
 
 @torch.no_grad()
@@ -128,7 +138,7 @@ def generate(
     max_batch_size: int | None = None,
     cache: PagedKVCache | None = None,
     block_size: int = 256,
-    compile_decode: bool = True,
+    compiled: bool = True,
     cuda_graphs: bool | None = None,
     seed: int | None = None,
     stats: dict | None = None,
@@ -144,8 +154,9 @@ def generate(
     all prompts, at most 32) decode together; the rest wait for a free row. ``cache``
     may be given (e.g. to size the pool); it is reset first. ``stats``, a dict, receives
     timings: prefill_s, decode_s (wall, synchronised), decode_steps, prefills.
-    ``inductor_options`` are Inductor config patches for the compiled decode step (on top
-    of those given to ``cc.optimize``), e.g. ``{"coordinate_descent_tuning": True}``.
+    ``compiled=False`` runs the model's eager forward (a reference path). ``inductor_options``
+    are Inductor config patches for the compiled prefill and decode (on top of those given
+    to ``cc.optimize``).
     """
     check_model(model)
     prompts = _as_token_lists(prompts)
@@ -174,7 +185,7 @@ def generate(
     cache.host_managed = True
     sampler = _Sampler(temperature, top_k, top_p, seed, device)
     stop = _stop_set(model, stop_tokens)
-    decode = _decode_step_fn(model, cache, compile_decode, cuda_graphs, inductor_options)
+    prefill_forward, decode = _compiled_forwards(model, cache, compiled, cuda_graphs, inductor_options)
     bs = cache.block_size
 
     results: list[list[int]] = [[] for _ in prompts]
@@ -218,7 +229,7 @@ def generate(
         cache.prepare([row], n)
         q = torch.arange(n, device=device)
         mask = _additive((torch.arange(cache.step_view_len, device=device)[None, :] <= q[:, None])[None, None], dtype)
-        out = model(input_ids=torch.tensor([tokens], device=device), position_ids=q[None],
+        out = prefill_forward(input_ids=torch.tensor([tokens], device=device), position_ids=q[None],
                     attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = sampler(out.logits[:, -1])
         last_ids[row] = token

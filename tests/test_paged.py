@@ -163,7 +163,7 @@ def test_hf_generate_with_paged_cache_matches_dynamic_cache(use_qk_norm, kv_head
 
 @pytest.mark.parametrize("use_qk_norm,kv_heads", [(True, 2), (False, 4), (True, 4)])
 def test_generate_ragged_batch_matches_hf_greedy(use_qk_norm, kv_heads):
-    """Eager decode step (compile_decode=False): the cache, admission and row reuse."""
+    """Eager decode step (compiled=False): the cache, admission and row reuse."""
     model = _model(use_qk_norm, kv_heads)
     prompts = _prompts([5, 11, 3, 8])
     refs = [_hf_greedy(model, p, 10) for p in prompts]
@@ -172,7 +172,7 @@ def test_generate_ragged_batch_matches_hf_greedy(use_qk_norm, kv_heads):
     # 2 rows for 4 prompts: two join after others finish; block_size 4 makes every
     # sequence cross several blocks and reuse freed ones
     out = cc.generate(model, prompts, 10, stop_tokens=(), block_size=4, max_batch_size=2,
-                      compile_decode=False, callback=lambda i, t: streamed.append((i, t)))
+                      compiled=False, callback=lambda i, t: streamed.append((i, t)))
     assert out == refs
     for i in range(len(prompts)):
         assert [t for j, t in streamed if j == i] == refs[i]
@@ -183,14 +183,14 @@ def test_generate_stop_tokens_and_sampling():
     prompts = _prompts([6, 9])
     refs = [_hf_greedy(model, p, 8) for p in prompts]
     stop = refs[0][3]
-    out = cc.generate(model, prompts, 8, stop_tokens=[stop], block_size=4, compile_decode=False)
+    out = cc.generate(model, prompts, 8, stop_tokens=[stop], block_size=4, compiled=False)
     assert out[0] == refs[0][: refs[0].index(stop) + 1]
     assert out[1] == (refs[1][: refs[1].index(stop) + 1] if stop in refs[1] else refs[1])
     # top_k=1 sampling is greedy; a seed makes sampling repeatable
-    assert cc.generate(model, prompts, 8, temperature=0.7, top_k=1, stop_tokens=(), compile_decode=False,
+    assert cc.generate(model, prompts, 8, temperature=0.7, top_k=1, stop_tokens=(), compiled=False,
                        block_size=4) == refs
-    a = cc.generate(model, prompts, 8, temperature=1.5, top_p=0.9, seed=7, stop_tokens=(), compile_decode=False)
-    b = cc.generate(model, prompts, 8, temperature=1.5, top_p=0.9, seed=7, stop_tokens=(), compile_decode=False)
+    a = cc.generate(model, prompts, 8, temperature=1.5, top_p=0.9, seed=7, stop_tokens=(), compiled=False)
+    b = cc.generate(model, prompts, 8, temperature=1.5, top_p=0.9, seed=7, stop_tokens=(), compiled=False)
     assert a == b and a != refs
 
 
@@ -199,7 +199,7 @@ def test_generate_rejects_bad_requests_before_running():
     cache = cc.PagedKVCache(model.config, max_batch_size=2, max_tokens=32, block_size=4, device="cpu",
                             max_seq_len=16)
     with pytest.raises(ValueError, match="prompt 1 needs 20 cache positions"):
-        cc.generate(model, [[5, 6], list(range(3, 13))], 10, cache=cache, compile_decode=False)
+        cc.generate(model, [[5, 6], list(range(3, 13))], 10, cache=cache, compiled=False)
     assert cache.free_blocks == list(range(7, -1, -1)) and cache.seq_lens == [0, 0]
     with pytest.raises(ValueError, match="empty"):
         cc.generate(model, [[]], 4)

@@ -223,7 +223,8 @@ class PagedKVCache(Cache):
             self.step_slots = torch.tensor(slots, dtype=torch.int64, device=self.device)
             self.step_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
             self.step_table = self.block_table[rows]
-            self.step_view_len = min(self.max_seq_len, _cdiv(max(lens), self.block_size) * self.block_size)
+            # the full view: one compiled prefill graph serves every prompt length
+            self.step_view_len = self.max_seq_len
         for row in rows:
             self.seq_lens[row] += n_tokens
 

@@ -158,25 +158,27 @@ def paged_merge_kernel(
     tl.store(out_ptr + b * sob + head * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def _n_splits(batch_kv_heads: int, view_len: int, block_n: int) -> int:
+def _n_splits(batch_kv_heads: int, view_len: int, block_n: int, target_programs: int = 4096) -> int:
     """Splits per (sequence, KV head). Sequences are usually shorter than the view, so
     splits past a sequence's end exit at once: aim for ~4096 programs in all, so the
     ones with work still fill 132 SMs with enough loads in flight, but never a split
     shorter than one tile."""
     tiles = triton.cdiv(view_len, block_n)
-    return max(1, min(tiles, triton.cdiv(4096, batch_kv_heads)))
+    return max(1, min(tiles, triton.cdiv(target_programs, batch_kv_heads)))
 
 
-def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale, out):
-    """q: (B, H, 1, D) -> out (B, H, 1, D). Attends positions [0, kv_lens[b]) of each sequence."""
+def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale, out, *,
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3, target_programs: int = 4096):
+    """q: (B, H, 1, D) -> out (B, H, 1, D). Attends positions [0, kv_lens[b]) of each sequence.
+    The keyword knobs are for tuning sweeps (bench/paged_kernel.py)."""
     b, h, _, d = q.shape
     _, hkv, block_size, _ = k_pool.shape
     group = h // hkv
     view_len = block_table.shape[1] * block_size
-    block_n = min(64, block_size)
+    block_n = min(block_n, block_size)
     if block_size % block_n:
         raise ValueError(f"paged attention: block_size {block_size} must be a multiple of {block_n} or smaller")
-    n_splits = _n_splits(b * hkv, view_len, block_n)
+    n_splits = _n_splits(b * hkv, view_len, block_n, target_programs)
     split_len = triton.cdiv(triton.cdiv(view_len, n_splits), block_n) * block_n
     n_splits = triton.cdiv(view_len, split_len)
     block_g = max(16, next_pow2(group))
@@ -199,7 +201,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale,
         D=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         UPCAST_DOT=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 in, fp32 exact (no TF32)
-        num_warps=4, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     paged_merge_kernel[(b * hkv, group)](
         part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(3),

@@ -1,0 +1,83 @@
+"""Sweep the paged decode-attention kernel's launch knobs on the GPU (no model).
+
+For Aya-8B heads (32 query / 8 KV, D 128, bf16, block 256) at batch 1 (one 640-token
+sequence) and a ragged batch of 32 (100..2000 tokens + 64): achieved bandwidth on the K/V
+bytes each configuration must read, timed as a CUDA graph of 20 calls, against the
+measured device copy bandwidth.
+
+    TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/paged_kernel.py
+"""
+
+import itertools
+import statistics
+
+import torch
+
+from bench.common import environment, write_json
+from bench.decode import copy_bandwidth_gbs
+from cohere_compile.kernels import empty_heads_like
+from cohere_compile.kernels.paged import paged_decode_attention
+
+
+def setup(lengths, bs=256, hkv=8, h=32, d=128):
+    rows, max_blocks = len(lengths), -(-max(lengths) // bs)
+    n_blocks = sum(-(-n // bs) for n in lengths)
+    k_pool = torch.randn(n_blocks, hkv, bs, d, dtype=torch.bfloat16, device="cuda")
+    v_pool = torch.randn_like(k_pool)
+    table = torch.full((rows, max_blocks), -1, dtype=torch.int32)
+    free = torch.randperm(n_blocks).tolist()
+    for r, n in enumerate(lengths):
+        for j in range(-(-n // bs)):
+            table[r, j] = free.pop()
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q = torch.randn(rows, h, 1, d, dtype=torch.bfloat16, device="cuda")
+    mask = torch.where(torch.arange(max_blocks * bs, device="cuda")[None] < lens[:, None], 0.0, float("-inf"))
+    mask = mask.to(torch.bfloat16)[:, None, None]
+    kv_bytes = sum(lengths) * 2 * hkv * d * 2
+    return (q, k_pool, v_pool, table.cuda(), lens, mask, d ** -0.5), kv_bytes
+
+
+def time_graph(fn, calls=20):
+    for _ in range(3):
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def main():
+    bandwidth = copy_bandwidth_gbs(torch.device("cuda"))
+    workloads = {"b1": [640], "ragged32": [round(100 + i * 1900 / 31) + 64 for i in range(32)]}
+    rows = []
+    for name, lengths in workloads.items():
+        args, kv_bytes = setup(lengths)
+        out = empty_heads_like(args[0])
+        for block_n, warps, stages, target in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (1024, 4096)):
+            try:
+                t = time_graph(lambda: paged_decode_attention(*args, out, block_n=block_n, num_warps=warps,
+                                                              num_stages=stages, target_programs=target))
+            except Exception as e:  # a config that does not compile (e.g. registers) is skipped
+                print(name, block_n, warps, stages, target, "failed:", type(e).__name__)
+                continue
+            gbs = kv_bytes / t / 1e9
+            rows.append({"workload": name, "block_n": block_n, "num_warps": warps, "num_stages": stages,
+                         "target_programs": target, "us": t * 1e6, "gbs": gbs, "fraction_of_copy": gbs / bandwidth})
+        best = sorted((r for r in rows if r["workload"] == name), key=lambda r: r["us"])[:5]
+        default = [r for r in rows if r["workload"] == name and (r["block_n"], r["num_warps"], r["num_stages"],
+                                                                   r["target_programs"]) == (64, 4, 3, 4096)]
+        print(name, "default", default, "\nbest", *best, sep="\n  ")
+    write_json("paged_kernel_sweep.json", {"env": environment(), "copy_bandwidth_gbs": bandwidth, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
