@@ -43,10 +43,13 @@ def _floating_weight(model: torch.nn.Module) -> torch.Tensor:
     return next(p for p in model.parameters() if p.is_floating_point())
 
 
-def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, progress: bool | None = None):
+def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, progress: bool | None = None,
+                   device: torch.device | str | None = None):
     """Quantize ``model`` (a ``CohereForCausalLM``) in place with ``method`` ("int4" or "nf4").
 
-    ``progress``: show a per-layer progress bar (None: only on a terminal).
+    ``progress``: show a per-layer progress bar (None: only on a terminal). ``device``: move each
+    linear there just before quantizing it (so a checkpoint bigger than the GPU in full precision
+    can be quantized onto it); the rest of the model stays where it is.
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"quantize={method!r} is not supported; use one of {QUANT_METHODS} or None")
@@ -68,7 +71,7 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
         from torchao.quantization import quantize_
 
         weight = _floating_weight(model)
-        config = int4_config(weight.device, weight.dtype, group_size)
+        config = int4_config(torch.device(device) if device is not None else weight.device, weight.dtype, group_size)
         targets = linears + [("lm_head", head)]
         for name, module in targets:  # check everything before changing anything
             if module.in_features % group_size:
@@ -76,9 +79,9 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
                                  f"group_size={group_size}; pick a group_size that divides it")
         untie_lm_head(model)
         for name, module in tqdm(targets, desc="int4 quantize", unit="linear", disable=disable):
-            quantize_(module, config, filter_fn=None)
+            quantize_(module.to(device) if device is not None else module, config, filter_fn=None)
     else:
         for name, module in tqdm(linears, desc="nf4 quantize", unit="linear", disable=disable):
-            module.weight = nf4_weight(module.weight, name)
+            module.weight = nf4_weight(module.weight if device is None else module.weight.to(device), name)
     model._cohere_quantize = method
     return model
