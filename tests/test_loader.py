@@ -3,7 +3,6 @@ extension), get_peft_model, for_training / for_inference, on tiny checkpoints sa
 
 import json
 
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 import transformers
@@ -39,6 +38,7 @@ def save_checkpoint(path, cfg=None, seed=0):
 def save_bnb_checkpoint(path, model):
     """What a ``*-bnb-4bit`` upload holds, written with bitsandbytes' own quantizer and serializer
     (``QuantState.as_dict(packed=True)``, as transformers saves it); returns bnb's dequantized weights."""
+    import bitsandbytes.functional as bnbF  # here: the GPU image imports this module without bitsandbytes
     tensors, deq = {}, {}
     for name, value in model.state_dict().items():
         if name == "lm_head.weight":  # tied: not saved
