@@ -82,6 +82,8 @@ def optimize(
     for QLoRA); applied in place before compiling, see ``cohere_compile.quant``.
     """
     check_model(model)
+    if group_size != 128 and quantize != "int4":
+        raise ValueError(f"group_size={group_size} applies to quantize='int4' only (quantize={quantize!r})")
     if quantize is not None:
         from .quant import quantize_model
 

@@ -129,6 +129,8 @@ class FastCohereModel:
                 f"({', '.join(getattr(config, 'architectures', None) or [])}); supported: "
                 f"{'; '.join(f'{k!r}: {v}' for k, v in SUPPORTED_MODEL_TYPES.items())}"
             )
+        tokenizer = AutoTokenizer.from_pretrained(model_name, token=token)  # before the (slow) weights
+        tokenizer.model_max_length = max_seq_length
         rope = rope_parameters(config, max_seq_length, rope_scaling)
         if rope is not None:
             config.rope_parameters = rope
@@ -149,8 +151,6 @@ class FastCohereModel:
         model.eval()
         model.max_seq_length = max_seq_length
 
-        tokenizer = AutoTokenizer.from_pretrained(model_name, token=token)
-        tokenizer.model_max_length = max_seq_length
         if fix_tokenizer:
             prepare_tokenizer(tokenizer, model.config)
         return model, tokenizer

@@ -104,7 +104,8 @@ def test_optimize_quantized_rewrites_everything_and_matches(method):
     cfg = tiny_config(False, 2)
     model = make_model(cfg)
     ids, am = padded_inputs()
-    assert cc.optimize(model, quantize=method, group_size=GROUP, passes=PASS_NAMES) is model
+    kw = {"group_size": GROUP} if method == "int4" else {}
+    assert cc.optimize(model, quantize=method, passes=PASS_NAMES, **kw) is model
     ref = logits(dequantized_reference(model, cfg, torch.float32), input_ids=ids, attention_mask=am)
     out = logits(model, input_ids=ids, attention_mask=am)
     keep = am.bool()
@@ -157,6 +158,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="in_features=64, not a multiple of group_size=128"):
         quantize_model(model, "int4", group_size=128)
     assert not any(is_quantized(p) for p in model.parameters())  # nothing half-done
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="group_size=64 applies to quantize='int4' only"):
+        cc.optimize(model, group_size=64)
     with pytest.raises(cc.UnsupportedInputError, match="needs bfloat16"):
         int4_config(torch.device("cuda"), torch.float16, 128)
     quantize_model(model, "nf4")
