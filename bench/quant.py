@@ -32,6 +32,7 @@ from bench.common import SHAPES, write_json  # noqa: E402
 HBM_BYTES_PER_S = 4.09e12  # H200 device copy, measured (DESIGN.md)
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024, use_qk_norm=False, logit_scale=0.125)
+DECODE_VARIANTS = ("bf16", "int4", "int4_cohere")  # int4_cohere: + our default passes (cc backend)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -96,13 +97,31 @@ class Timer:
         self.s = time.perf_counter() - self.t
 
 
-def decode(model, args) -> dict:
+def cohere_cudagraph_backend():
+    """Our passes (the defaults of cc.optimize) plus Inductor's CUDA graphs, i.e. what
+    mode="reduce-overhead" adds for the inductor backend (torch.compile ignores mode for others)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from cohere_compile.passes import DEFAULT_PASSES, CoherePassManager
+
+    manager = CoherePassManager(DEFAULT_PASSES)
+
+    def backend(gm, example_inputs):
+        return compile_fx(gm, example_inputs, config_patches={"joint_custom_post_pass": manager,
+                                                              "triton.cudagraphs": True})
+
+    return backend
+
+
+def decode(model, args, cohere: bool = False) -> dict:
     from transformers import StaticCache
 
     B, P, N = args.batch, args.prompt, args.new_tokens
     cache = StaticCache(config=model.config, max_cache_len=P + N)
     forward = model.forward
-    if args.compile:
+    if args.compile and cohere:
+        forward = torch.compile(model.forward, backend=cohere_cudagraph_backend(), fullgraph=True)
+    elif args.compile:
         forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(10, model.config.vocab_size, (B, P), generator=g).to(args.device)
@@ -148,12 +167,12 @@ def bench_decode(args) -> dict:
     from cohere_compile.quant import quantize_model
 
     results = {}
-    for variant in ("bf16", "int4"):
+    for variant in DECODE_VARIANTS if args.cohere else DECODE_VARIANTS[:2]:
         try:  # one failing variant must not lose the others' numbers
             model = build(args)
-            if variant == "int4":
+            if variant.startswith("int4"):
                 quantize_model(model, "int4", group_size=args.group_size)
-            results[variant] = decode(model, args)
+            results[variant] = decode(model, args, cohere=variant.endswith("_cohere"))
             print(f"decode {variant}: {results[variant]['tokens_per_s']:.1f} tok/s", flush=True)
         except Exception as e:  # noqa: BLE001
             results[variant] = {"error": f"{type(e).__name__}: {e}"}
@@ -228,7 +247,7 @@ def table(res: dict) -> str:
         d = res["decode"]
         lines += ["| decode B{} | tok/s | ms/step | weights GB/step | floor tok/s | of floor |".format(res["args"]["batch"]),
                   "| --- | --- | --- | --- | --- | --- |"]
-        for v in ("bf16", "int4"):
+        for v in [v for v in DECODE_VARIANTS if v in d]:
             r = d[v]
             if "error" in r:
                 lines.append(f"| {v} | FAILED: {r['error'][:80]} |")
@@ -270,6 +289,8 @@ def main(argv=None):
     ap.add_argument("--train-seq", type=int, default=1024)
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
+    ap.add_argument("--cohere", action=argparse.BooleanOptionalAction, default=True,
+                    help="also decode int4 through our backend (default passes) with CUDA graphs")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", default=None, help="JSON name in bench/results/")
