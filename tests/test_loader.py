@@ -140,6 +140,29 @@ def test_bnb_4bit_checkpoint_imports_codes_bit_for_bit(tmp_path):
         FCM.from_pretrained(str(tmp_path), load_in_4bit=False)
 
 
+def test_bnb_quant_storage_bf16_is_the_same_bytes():
+    """``bnb_4bit_quant_storage=torch.bfloat16`` checkpoints hold the same packed bytes viewed as bf16."""
+    import bitsandbytes.functional as bnbF
+
+    from cohere_compile.quant.bnb import bnb_to_nf4
+
+    w = torch.randn(64, 128)
+    nf4 = []
+    for storage in (torch.uint8, torch.bfloat16):
+        packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                           quant_storage=storage)
+        assert packed.dtype == storage
+        tensors = {"w": packed, **{f"w.{k}": v for k, v in state.as_dict(packed=True).items()}}
+        nf4.append(bnb_to_nf4("w", tensors, torch.float32, "cpu"))
+    assert torch.equal(nf4[0].quantized_data, nf4[1].quantized_data)
+    assert torch.equal(dequantized(nf4[0]), dequantized(nf4[1]))
+    assert rel_err(dequantized(nf4[0]), w) < 0.12  # NF4 itself
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    fp4 = {"w": packed, **{f"w.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    with pytest.raises(ValueError, match="FP4 bitsandbytes quant state found; only NF4"):
+        bnb_to_nf4("w", fp4, torch.float32, "cpu")
+
+
 def hf_reference(original, rope_parameters):
     cfg = transformers.CohereConfig(**{**original.config.to_dict(), "rope_parameters": rope_parameters})
     ref = transformers.CohereForCausalLM(cfg).eval()

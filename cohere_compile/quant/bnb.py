@@ -80,9 +80,11 @@ def bnb_to_nf4(name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype, 
     numel = shape.numel()
     if numel % block or numel % 2:
         raise BnbCheckpointError(f"'{name}': {numel} weights are not a whole number of {block}-blocks")
-    packed = tensors[name].reshape(-1).to(device)
-    if packed.dtype != torch.uint8 or packed.numel() != numel // 2:
-        raise BnbCheckpointError(f"'{name}': expected {numel // 2} packed uint8 bytes, got {packed.numel()} {packed.dtype}")
+    # bnb_4bit_quant_storage other than uint8 (e.g. bf16, for FSDP) is the same bytes viewed as another dtype
+    packed = tensors[name].reshape(-1).view(torch.uint8).to(device)
+    if packed.numel() != numel // 2:
+        raise BnbCheckpointError(f"'{name}': expected {numel // 2} packed bytes for shape {tuple(shape)}, "
+                                 f"got {packed.numel()}")
     n_blocks = numel // block
     absmax = decode_absmax(name, tensors, state).to(device)
     if absmax.numel() != n_blocks:
