@@ -85,10 +85,12 @@ def test_from_pretrained_full_precision_fp32_and_bf16(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_from_pretrained_4bit_is_nf4_within_4bit_error(tmp_path, dtype):
+def test_from_pretrained_4bit_is_nf4_within_4bit_error(tmp_path, capsys, dtype):
     cfg = tiny_config(False, 2)
     original = save_checkpoint(tmp_path, cfg)
-    model, _ = FCM.from_pretrained(str(tmp_path), dtype=dtype, progress=False)  # load_in_4bit=True default
+    capsys.readouterr()
+    model, _ = FCM.from_pretrained(str(tmp_path), dtype=dtype, progress=True)  # load_in_4bit=True default
+    assert "nf4 quantize: 100%" in capsys.readouterr().err  # the per-layer progress bar
     nf4 = [n for n, p in model.named_parameters() if is_quantized(p)]
     assert len(nf4) == len(LINEARS) * cfg.num_hidden_layers and all(not p.requires_grad for p in model.parameters()
                                                                      if is_quantized(p))
@@ -105,7 +107,7 @@ def test_from_pretrained_4bit_is_nf4_within_4bit_error(tmp_path, dtype):
     assert w_err / 4 < err < 2 * w_err, (err, w_err)
 
 
-def test_bnb_4bit_checkpoint_imports_codes_bit_for_bit(tmp_path):
+def test_bnb_4bit_checkpoint_imports_codes_bit_for_bit(tmp_path, capsys):
     cfg = tiny_config(False, 2)
     # rows a multiple of 64: bnb's native CPU dequantize kernel blocks per row and disagrees with the
     # flat layout (used by its CUDA kernels, its default backend and torchao) when rows are not
@@ -113,7 +115,9 @@ def test_bnb_4bit_checkpoint_imports_codes_bit_for_bit(tmp_path):
     original = make_model(cfg)
     tensors, bnb_deq = save_bnb_checkpoint(tmp_path, original)
 
-    model, tok = FCM.from_pretrained(str(tmp_path), progress=False)
+    capsys.readouterr()
+    model, tok = FCM.from_pretrained(str(tmp_path), progress=True)
+    assert "load bnb-4bit: 100%" in capsys.readouterr().err
     assert getattr(model.config, "quantization_config", None) is None
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert set(bnb_deq) == {n for n, p in model.named_parameters() if is_quantized(p)}
