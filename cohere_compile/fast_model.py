@@ -186,10 +186,12 @@ class FastCohereModel:
             raise ValueError(f"bias={bias!r}: use 'none', 'all' or 'lora_only'")
         if not isinstance(use_gradient_checkpointing, bool):
             raise ValueError(f"use_gradient_checkpointing must be True or False, got {use_gradient_checkpointing!r}")
+        if isinstance(target_modules, str) or not target_modules:
+            raise ValueError(f"target_modules must be a non-empty list of names from {LORA_TARGETS}, "
+                             f"got {target_modules!r}")
         unknown = sorted(set(target_modules) - set(LORA_TARGETS))
-        if isinstance(target_modules, str) or not target_modules or unknown:
-            raise ValueError(f"target_modules {list(target_modules) if not isinstance(target_modules, str) else target_modules!r}: "
-                             f"unknown {unknown or 'format'}; pick from {LORA_TARGETS}")
+        if unknown:
+            raise ValueError(f"target_modules: unknown {unknown}; pick from {LORA_TARGETS}")
 
         torch.manual_seed(random_state)
         lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
