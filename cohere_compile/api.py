@@ -67,16 +67,27 @@ def optimize(
     passes: Sequence[str] | None = None,
     dynamic: bool | None = None,
     fullgraph: bool = False,
+    quantize: str | None = None,
+    group_size: int = 128,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
 
     The model stays a Hugging Face model (``forward``, ``generate``, ``save_pretrained``
     work as before); calls go through ``torch.compile`` with our passes enabled.
-    ``passes`` picks rewrites by name (default: all of ``cohere_compile.PASS_NAMES``);
+    ``passes`` picks rewrites by name (default: ``cohere_compile.DEFAULT_PASSES``; all: ``PASS_NAMES``);
     extra keyword arguments are Inductor config options (e.g. ``max_autotune=True``).
+    ``quantize``: ``"int4"`` (torchao int4 weight-only, groups of ``group_size``; the LM head gets
+    its own quantized copy, the embedding stays a lookup) or ``"nf4"`` (torchao NF4 base weights
+    for QLoRA); applied in place before compiling, see ``cohere_compile.quant``.
     """
     check_model(model)
+    if group_size != 128 and quantize != "int4":
+        raise ValueError(f"group_size={group_size} applies to quantize='int4' only (quantize={quantize!r})")
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(base_model(model), quantize, group_size=group_size)
     options = CompileOptions(
         passes=validate_pass_names(DEFAULT_PASSES if passes is None else passes),
         dynamic=dynamic,

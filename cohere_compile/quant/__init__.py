@@ -1,0 +1,16 @@
+"""4-bit weights through torchao: int4 weight-only for inference, NF4 base weights for QLoRA,
+and the import of bitsandbytes 4-bit checkpoints into torchao NF4 (``bnb.py``)."""
+
+from .int4 import INT4_GROUP_SIZES, int4_config
+from .nf4 import nf4_weight
+from .quantize import QUANT_METHODS, is_quantized, quantize_model, untie_lm_head
+
+__all__ = [
+    "QUANT_METHODS",
+    "INT4_GROUP_SIZES",
+    "quantize_model",
+    "untie_lm_head",
+    "is_quantized",
+    "int4_config",
+    "nf4_weight",
+]
