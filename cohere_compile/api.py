@@ -12,6 +12,7 @@ from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
 from .passes.manager import validate_pass_names
+from .regional import compile_regions
 
 SUPPORTED_MODEL_TYPES = {"cohere": "CohereForCausalLM / CohereModel (Command R, Command R+, Aya 23 / Expanse)"}
 
@@ -25,6 +26,7 @@ class CompileOptions:
     passes: tuple[str, ...] = DEFAULT_PASSES
     dynamic: bool | None = None
     fullgraph: bool = False
+    regional: bool = False
     inductor: dict[str, Any] = field(default_factory=dict)
 
     def backend_options(self) -> dict[str, Any]:
@@ -67,6 +69,7 @@ def optimize(
     passes: Sequence[str] | None = None,
     dynamic: bool | None = None,
     fullgraph: bool = False,
+    regional: bool = False,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
@@ -75,15 +78,23 @@ def optimize(
     work as before); calls go through ``torch.compile`` with our passes enabled.
     ``passes`` picks rewrites by name (default: all of ``cohere_compile.PASS_NAMES``);
     extra keyword arguments are Inductor config options (e.g. ``max_autotune=True``).
+    ``regional=True`` compiles one decoder layer and reuses it for all layers (plus the
+    final norm and the LM head / loss region) instead of the whole model: compile time
+    no longer grows with the number of layers. Recommended for training; see regional.py.
     """
     check_model(model)
     options = CompileOptions(
         passes=validate_pass_names(DEFAULT_PASSES if passes is None else passes),
         dynamic=dynamic,
         fullgraph=fullgraph,
+        regional=regional,
         inductor=dict(inductor_options),
     )
-    model.compile(backend=make_backend(options.backend_options()), dynamic=dynamic, fullgraph=fullgraph)
+    backend = make_backend(options.backend_options())
+    if regional:
+        compile_regions(model, backend, dynamic=dynamic, fullgraph=fullgraph)
+    else:
+        model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     model._cohere_compile_options = options
     return model
 
