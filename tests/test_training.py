@@ -201,11 +201,13 @@ def test_gradient_checkpointing(reentrant, when, compiled_graphs):
 def test_train_cli_loss_decreases_on_a_repeated_batch(tmp_path, compiled_graphs):
     tiny_config(True, 2).save_pretrained(tmp_path)
     result = main(["--config", str(tmp_path), "--dtype", "float32", "--device", "cpu", "--steps", "6",
-                   "--batches", "1", "--batch", "2", "--seq", "16", "--lr", "1e-2", "--lora-r", "4", "--no-progress"])
+                   "--batches", "1", "--batch", "2", "--seq", "16", "--lr", "1e-2", "--mode", "full", "--no-progress"])
     assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
-    assert result.losses[-1] < result.losses[0] - 0.05, result.losses
+    # memorising one batch (logit_scale 0.0625 keeps the steps small)
+    assert all(b < a for a, b in zip(result.losses, result.losses[1:])), result.losses
+    assert result.losses[-1] < result.losses[0] - 0.1, result.losses
     assert result.tokens_per_s() > 0
-    assert len(compiled_graphs) == 3  # cc.optimize, regional, is the CLI's default
+    assert len(compiled_graphs) == 3  # cc.optimize, regional, is the CLI's default: layer, norm, head
 
 
 def test_train_cli_rejects_bad_token_file(tmp_path):
