@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
 
     from transformers import CohereConfig
 
-    cfg = CohereConfig(**{**shape, "num_hidden_layers": layers})
+    cfg = CohereConfig(**{**shape, "num_hidden_layers": layers}, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     floor = flop_floor(cfg, args.seq, args.lora_r, args.gradient_checkpointing)
     results = {}
     for peer in args.peers:

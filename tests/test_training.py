@@ -105,11 +105,13 @@ def test_regional_compiles_one_layer_graph_for_any_depth(layers, compiled_graphs
     assert sorted(rewrites, key=key) == sorted([ONE_LAYER, NORM_ONLY, NOTHING], key=key)
 
 
-def test_regional_twice_is_an_error():
+def test_regional_twice_is_an_error_and_explain_says_why_it_cannot_report():
     model = base()
     cc.optimize(model, regional=True)
     with pytest.raises(ValueError, match="already optimized"):
         cc.optimize(model, regional=True)
+    with pytest.raises(ValueError, match="regional=True"):
+        cc.explain(model, IDS)
 
 
 # --- peft -------------------------------------------------------------------------------
