@@ -231,3 +231,27 @@ def test_token_file_windows(tmp_path):
     assert len(batches) == 3 and all(b.shape == (2, 10) for b in batches)
     for row in torch.cat(batches):  # contiguous windows of the file
         assert torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 10))
+
+
+# --- GPU -------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_regional_lora_training_on_cuda_bf16(checkpointing, compiled_graphs):
+    """bf16 on the GPU, regional: loss and LoRA gradients against eager within bf16 tolerance."""
+    def build():
+        m = lora(make_model(tiny_config(True, 2, layers=3), torch.bfloat16).cuda())
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return m
+
+    ref, model = build(), cc.optimize(build(), regional=True)
+    ids = IDS.cuda()
+    ref_loss, ref_grads = step(ref, ids)
+    loss, grads = step(model, ids)
+    assert rel_err(loss, ref_loss) < 1e-2
+    assert set(grads) == set(ref_grads) and len(grads) == 2 * len(LORA_TARGETS) * 3
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 3e-2, name
+    assert len(compiled_graphs) == (3 if checkpointing else LORA_REGIONAL_GRAPHS), compiled_graphs
