@@ -103,7 +103,7 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
     model = add_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0)
     how = {"eager": "none", "torch_compile": "torch", "cc": "cc", "cc_whole": "cc"}[peer]
     model = compile_model(model, how, regional=(peer == "cc"), passes=args.passes)
-    batches = token_batches(model.config.vocab_size, args.batch, args.seq, n_batches=4, seed=2)
+    batches = [b.to(device) for b in token_batches(model.config.vocab_size, args.batch, args.seq, n_batches=4, seed=2)]
     t0 = time.perf_counter()
     result = train(model, batches, args.warmup + args.steps, lr=1e-4, progress=False, device=device)
     wall = time.perf_counter() - t0

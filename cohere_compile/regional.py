@@ -56,9 +56,7 @@ def compile_regions(model: torch.nn.Module, backend, dynamic: bool | None, fullg
     for body in bodies:
         body.norm.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
         # Opaque to the head's compile below (its callees, the layers, run their own compiled code).
-        body.forward = torch._dynamo.disable(
-            body.forward, reason="cohere_compile regional mode: decoder layers are compiled one by one"
-        )
+        body.forward = torch._dynamo.disable(body.forward)
         setattr(body, REGIONAL_ATTR, True)
     for head in heads:
         # An instance attribute, so peft's LoraModel (which calls the base model) and
