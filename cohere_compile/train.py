@@ -118,13 +118,31 @@ def train(model, batches, steps: int, lr: float = 1e-4, progress: bool = True, d
     return result
 
 
+class _NoProgress:
+    """Stands in for rich's Progress when the bar is off (bench runs; rich not needed)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+
 def _progress(enabled: bool):
+    if not enabled:
+        return _NoProgress()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-        TimeElapsedColumn(), disable=not enabled,
+        TimeElapsedColumn(),
     )
 
 
