@@ -44,6 +44,7 @@ PEERS = {
     "cc": "cc.optimize (regional)",
     "cc_whole": "cc.optimize (whole model)",
 }
+DEFAULT_LAYERS = {"command-r-plus": 8}  # 64 layers (104B parameters) do not fit one GPU
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, use_qk_norm=True, logit_scale=0.0625)
 
@@ -127,7 +128,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="aya-8b")
     parser.add_argument("--tiny", action="store_true", help="a tiny Cohere config (CPU smoke run)")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default: the shape's; 8 for command-r-plus)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8, help="timed steps after the warm-up")
@@ -143,6 +145,7 @@ def main(argv=None) -> dict:
         raise SystemExit("no CUDA device: run with --tiny --device cpu for a smoke run")
     shape = TINY if args.tiny else SHAPES[args.shape]
     label = "tiny" if args.tiny else args.shape
+    args.layers = args.layers or (None if args.tiny else DEFAULT_LAYERS.get(args.shape))
     layers = args.layers or shape["num_hidden_layers"]
     if args.tiny and args.seq == 1024:
         args.seq = 32
