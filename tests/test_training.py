@@ -190,26 +190,37 @@ def test_gradient_checkpointing(reentrant, when, compiled_graphs):
         assert len(compiled_graphs) == 3, compiled_graphs
         return
     # Reentrant checkpointing runs each layer's forward under no_grad (an inference layer
-    # graph, which gets every forward rewrite) and recomputes it with grad (the training graph).
-    with recording() as rewrites, no_caches():
-        assert_lora_grads_match(model, ref, IDS)
-    assert len(compiled_graphs) == 4, compiled_graphs
-    assert len(rewrites) == 4  # the pass manager ran on every graph
-    assert rewrites.count(ONE_LAYER) == 1
+    # graph, which gets every forward rewrite) and recomputes it with grad (the training
+    # graph). Count the no-grad graphs' rewrites first, with caches off, through a
+    # training-mode call without grad (the same checkpointed path minus the recompute).
+    # Two layer graphs there: HF's input-grad hook makes layer 0's input require grad even
+    # under no_grad, the later layers' inputs do not.
+    model.train()
+    with torch.no_grad(), recording() as rewrites, no_caches():
+        model(input_ids=IDS, use_cache=False)
+    key = lambda d: sorted(d.items())  # noqa: E731
+    assert sorted(rewrites, key=key) == sorted([ONE_LAYER, ONE_LAYER, NORM_ONLY, NOTHING], key=key)
+    assert len(compiled_graphs) == 4  # the pass manager ran on every graph
+    assert_lora_grads_match(model, ref, IDS)
+    # + the training layer graph (the recompute), final norm and head; the checkpointed
+    # no-grad forward reuses the first no-grad layer graph (its input requires grad)
+    assert len(compiled_graphs) == 4 + 3, compiled_graphs
 
 
 # --- the training CLI ---------------------------------------------------------------------
 
 def test_train_cli_loss_decreases_on_a_repeated_batch(tmp_path, compiled_graphs):
     tiny_config(True, 2).save_pretrained(tmp_path)
-    result = main(["--config", str(tmp_path), "--dtype", "float32", "--device", "cpu", "--steps", "6",
-                   "--batches", "1", "--batch", "2", "--seq", "16", "--lr", "1e-2", "--mode", "full", "--no-progress"])
-    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
-    # memorising one batch (logit_scale 0.0625 keeps the steps small)
+    # the LoRA graphs of test_peft_lora_training_matches_eager (same config, r, shapes): an FX-cache hit
+    result = main(["--config", str(tmp_path), "--dtype", "float32", "--device", "cpu", "--steps", "8",
+                   "--batches", "1", "--batch", "2", "--seq", "9", "--lr", "0.02", "--lora-r", "4", "--lora-alpha", "8",
+                   "--no-progress"])
+    assert len(result.losses) == 8 and all(torch.isfinite(torch.tensor(result.losses)))
+    # learning one batch (LoRA r4 and logit_scale 0.0625 keep the steps small: 4.856 -> 4.787)
     assert all(b < a for a, b in zip(result.losses, result.losses[1:])), result.losses
-    assert result.losses[-1] < result.losses[0] - 0.1, result.losses
+    assert result.losses[-1] < result.losses[0] - 0.05, result.losses
     assert result.tokens_per_s() > 0
-    assert len(compiled_graphs) == 3  # cc.optimize, regional, is the CLI's default: layer, norm, head
+    assert len(compiled_graphs) == LORA_REGIONAL_GRAPHS  # cc.optimize, regional, is the CLI's default
 
 
 def test_train_cli_rejects_bad_token_file(tmp_path):
