@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import SHAPES, write_json  # noqa: E402
+from bench.common import SHAPES, environment, write_json  # noqa: E402
 from cohere_compile.train import LORA_TARGETS, add_lora, compile_model, token_batches, train  # noqa: E402
 
 PEAK_TFLOPS = 750.0
@@ -105,6 +105,7 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
     how = {"eager": "none", "torch_compile": "torch", "cc": "cc", "cc_whole": "cc"}[peer]
     model = compile_model(model, how, regional=(peer == "cc"), passes=args.passes)
     batches = [b.to(device) for b in token_batches(model.config.vocab_size, args.batch, args.seq, n_batches=4, seed=2)]
+    torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()
     result = train(model, batches, args.warmup + args.steps, lr=1e-4, progress=False, device=device)
     wall = time.perf_counter() - t0
@@ -116,6 +117,8 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
         "losses": result.losses,
         "step_s": result.step_s,
         "wall_s": wall,
+        # graphs Dynamo compiled (regional: layer graphs + final norm + head, independent of depth)
+        "dynamo_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
     }
     if device == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -168,7 +171,8 @@ def main(argv=None) -> dict:
     print(f"\nLoRA r{args.lora_r} all linears, {label} x {layers} layers, B{args.batch} x {args.seq}, AdamW, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; floor "
           f"{floor['floor_tokens_per_s']:,.0f} tok/s ({floor['flops_per_token'] / 1e9:.2f} GFLOP/token)")
-    print(f"{'peer':<28}{'tok/s':>10}{'vs eager':>10}{'of floor':>10}{'peak GB':>10}{'1st step s':>12}{'loss0':>9}")
+    print(f"{'peer':<28}{'tok/s':>10}{'vs eager':>10}{'of floor':>10}{'peak GB':>10}{'1st step s':>12}{'graphs':>8}"
+          f"{'loss0':>9}")
     for r in results.values():
         if "error" in r:
             print(f"{r['peer']:<28}  ERROR {r['error'][:80]}")
@@ -177,10 +181,12 @@ def main(argv=None) -> dict:
         r["fraction_of_floor"] = tps / floor["floor_tokens_per_s"]
         r["vs_eager"] = tps / base if base else None
         print(f"{r['peer']:<28}{tps:>10,.0f}{(r['vs_eager'] or float('nan')):>9.2f}x{r['fraction_of_floor']:>9.1%}"
-              f"{r.get('peak_memory_gb', float('nan')):>10.1f}{r['first_step_s']:>12.1f}{r['losses'][0]:>9.4f}")
+              f"{r.get('peak_memory_gb', float('nan')):>10.1f}{r['first_step_s']:>12.1f}{r['dynamo_graphs']:>8}"
+              f"{r['losses'][0]:>9.4f}")
 
-    env = {"torch": torch.__version__, "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device}
+    env = environment() if args.device == "cuda" else {
+        "device": args.device, "torch": torch.__version__, "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     payload = {"bench": "train", "shape": label, "layers": layers, "batch": args.batch, "seq": args.seq,
                "lora_r": args.lora_r, "lora_targets": list(LORA_TARGETS), "optimizer": "AdamW",
                "gradient_checkpointing": args.gradient_checkpointing, "warmup": args.warmup, "steps": args.steps,
