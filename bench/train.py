@@ -102,6 +102,9 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(1)  # same LoRA init for every peer
     model = add_lora(model, r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0)
+    # For every peer: layer 0's input then needs a gradient like the others, so regional
+    # compiles one layer graph, not two (costs layer 0's input gradient, ~1/(2L) of the backward).
+    model.enable_input_require_grads()
     how = {"eager": "none", "torch_compile": "torch", "cc": "cc", "cc_whole": "cc"}[peer]
     model = compile_model(model, how, regional=(peer == "cc"), passes=args.passes)
     batches = [b.to(device) for b in token_batches(model.config.vocab_size, args.batch, args.seq, n_batches=4, seed=2)]

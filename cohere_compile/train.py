@@ -181,6 +181,10 @@ def main(argv=None) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.mode == "lora":
         model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        # The embedding is frozen, so layer 0's input would need no gradient and the
+        # regional compile would build a second layer graph just for it; HF's hook (what
+        # gradient checkpointing enables anyway) costs one extra input gradient instead.
+        model.enable_input_require_grads()
     model = compile_model(model, args.how, regional=not args.whole_model, passes=args.passes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
