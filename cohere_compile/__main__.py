@@ -24,10 +24,12 @@ DEMO_CONFIG = dict(
 )
 
 
-def build_model(config_name: str | None, device: str, dtype: torch.dtype):
+def build_model(config_name: str | None, device: str, dtype: torch.dtype, layers: int | None = None):
     from transformers import AutoConfig, CohereConfig, CohereForCausalLM
 
     config = AutoConfig.from_pretrained(config_name) if config_name else CohereConfig(**DEMO_CONFIG)
+    if layers:
+        config.num_hidden_layers = layers
     torch.manual_seed(0)
     with torch.device(device):
         model = CohereForCausalLM(config).to(dtype).eval()

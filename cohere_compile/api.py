@@ -12,6 +12,7 @@ from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
 from .passes.manager import validate_pass_names
+from .regional import compile_regions
 
 SUPPORTED_MODEL_TYPES = {"cohere": "CohereForCausalLM / CohereModel (Command R, Command R+, Aya 23 / Expanse)"}
 
@@ -25,6 +26,7 @@ class CompileOptions:
     passes: tuple[str, ...] = DEFAULT_PASSES
     dynamic: bool | None = None
     fullgraph: bool = False
+    regional: bool = False
     inductor: dict[str, Any] = field(default_factory=dict)
 
     def backend_options(self) -> dict[str, Any]:
@@ -69,6 +71,7 @@ def optimize(
     fullgraph: bool = False,
     quantize: str | None = None,
     group_size: int = 128,
+    regional: bool = False,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
@@ -80,6 +83,9 @@ def optimize(
     ``quantize``: ``"int4"`` (torchao int4 weight-only, groups of ``group_size``; the LM head gets
     its own quantized copy, the embedding stays a lookup) or ``"nf4"`` (torchao NF4 base weights
     for QLoRA); applied in place before compiling, see ``cohere_compile.quant``.
+    ``regional=True`` compiles one decoder layer and reuses it for all layers (plus the
+    final norm and the LM head / loss region) instead of the whole model: compile time
+    no longer grows with the number of layers. Recommended for training; see regional.py.
     """
     check_model(model)
     if group_size != 128 and quantize != "int4":
@@ -92,9 +98,14 @@ def optimize(
         passes=validate_pass_names(DEFAULT_PASSES if passes is None else passes),
         dynamic=dynamic,
         fullgraph=fullgraph,
+        regional=regional,
         inductor=dict(inductor_options),
     )
-    model.compile(backend=make_backend(options.backend_options()), dynamic=dynamic, fullgraph=fullgraph)
+    backend = make_backend(options.backend_options())
+    if regional:
+        compile_regions(model, backend, dynamic=dynamic, fullgraph=fullgraph)
+    else:
+        model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     model._cohere_compile_options = options
     return model
 

@@ -65,6 +65,12 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Explanation:
     Runs under ``torch.no_grad()`` unless the model is in training mode."""
     check_model(model)
     options = options_of(model)
+    if options.regional:
+        raise ValueError(
+            "cc.explain compiles the whole model and cannot report on a model optimized with regional=True "
+            "(its layers are already compiled separately). Call cc.explain on the model before optimizing it, "
+            "or on a copy optimized with regional=False."
+        )
     backend = make_backend(options.backend_options())
     calls = []
 
