@@ -105,3 +105,29 @@ def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
     return torch.matmul(probs.float(), v.float()).to(q.dtype)
+
+
+def flash_attention_lse(q, k, v, mask, scale: float, is_causal: bool):
+    """``flash_attention`` and its log-sum-exp in log2 units (-inf where a row sees nothing)."""
+    n_rep = q.shape[1] // k.shape[1]
+    kr = k.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q.float(), kr.float().transpose(-1, -2)) * scale
+    q_len, kv_len = scores.shape[-2:]
+    visible = torch.ones_like(scores, dtype=torch.bool)
+    if mask is not None:
+        mask_visible, bias = visible_and_bias(mask)
+        visible = visible & mask_visible
+        scores = scores + bias
+    if is_causal:
+        visible = visible & torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
+    lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1) * 1.4426950408889634
+    return flash_attention(q, k, v, mask, scale, is_causal), lse
+
+
+def flash_attention_backward(grad_out, q, k, v, mask, scale: float, is_causal: bool):
+    """fp32 autograd through ``flash_attention``'s definition; grads in the inputs' dtypes."""
+    with torch.enable_grad():
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*leaves, mask, scale, is_causal)
+        grads = torch.autograd.grad(out, leaves, grad_out.float())
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
