@@ -201,6 +201,105 @@ def test_qk_norm_rope_backward_rejects_grad_for_cos():
         (q_out.sum() + k_out.sum()).backward()
 
 
+# ---------------------------------------------------------------- flash attention
+
+
+def ref_attention(q, k, v, mask, scale, is_causal):
+    """softmax(q k^T * scale + mask) v in fp64, K/V repeated per GQA group; rows that
+    see nothing give zeros."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    visible = torch.ones_like(s, dtype=torch.bool)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            visible = visible & (mask > torch.finfo(mask.dtype).min / 2)
+            s = s + torch.where(visible, mask.double(), 0.0)
+    if is_causal:
+        visible = visible & torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+    return torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0) @ v
+
+
+def _attention_inputs(dtype, b, h, hk, q_len, kv_len, d, mask_kind):
+    q = torch.randn(b, q_len, h, d, dtype=dtype).transpose(1, 2)  # HF layout views
+    k = torch.randn(b, hk, kv_len, d, dtype=dtype)
+    v = torch.randn(b, kv_len, hk, d, dtype=dtype).transpose(1, 2)
+    mask = None
+    if mask_kind == "additive":  # HF's padding mask (finfo.min) plus a finite bias
+        mask = (torch.randn(b, 1, q_len, kv_len) * 0.5).to(dtype)
+        mask[-1, :, :, :3] = torch.finfo(dtype).min
+    elif mask_kind == "bool-per-head":
+        mask = torch.rand(b, h, q_len, kv_len) > 0.3
+    return q, k, v, mask
+
+
+ATTN_CASES = [
+    # dtype, batch, heads, kv heads, q_len, kv_len, head_dim, mask, causal
+    pytest.param(torch.float32, 2, 4, 2, 19, 19, 24, None, False, id="fp32-gqa-dense"),
+    pytest.param(torch.bfloat16, 2, 4, 2, 21, 21, 16, "additive", True, id="bf16-gqa-causal-padding"),
+    pytest.param(torch.float32, 1, 3, 3, 17, 23, 20, "bool-per-head", False, id="fp32-mha-bool-q<kv"),
+    pytest.param(torch.bfloat16, 1, 6, 2, 13, 30, 32, None, True, id="bf16-gqa3-causal-q<kv"),
+]
+
+
+@pytest.mark.parametrize("dtype,b,h,hk,q_len,kv_len,d,mask_kind,causal", ATTN_CASES)
+def test_flash_attention_backward_matches_fp64(dtype, b, h, hk, q_len, kv_len, d, mask_kind, causal):
+    q, k, v, mask = _attention_inputs(dtype, b, h, hk, q_len, kv_len, d, mask_kind)
+    scale = d ** -0.5
+    grad = _noncontig_like(torch.empty(b, h, q_len, d, dtype=dtype))
+
+    def ours(q, k, v):
+        return ops.flash_attention_lse(q, k, v, mask, scale, causal)[0]
+
+    errs = _grads_vs_fp64(ours, lambda q, k, v: ref_attention(q, k, v, mask, scale, causal), [q, k, v], [grad], dtype)
+    assert max(errs) < TOL[dtype], errs
+
+
+def test_flash_attention_lse_is_the_log_sum_exp_in_log2_units():
+    q, k, v, mask = _attention_inputs(torch.float32, 2, 4, 2, 11, 11, 16, "additive")
+    _, lse = ops.flash_attention_lse(q, k, v, mask, 0.25, True)
+    s = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * 0.25 + mask.double()
+    s = s.masked_fill(~torch.ones(11, 11, dtype=torch.bool).tril(), float("-inf"))
+    s = s.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    ref = torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    finite = torch.isfinite(ref)
+    assert lse.shape == (2, 4, 11) and lse.dtype == torch.float32
+    assert rel_err(lse[finite], ref[finite]) < 1e-6
+    assert torch.equal(torch.isneginf(lse), ~finite)  # the padded queries see nothing: -inf
+
+
+def test_flash_attention_backward_fully_masked_rows_get_zero_grad():
+    q, k, v, _ = _attention_inputs(torch.float32, 1, 2, 1, 6, 6, 16, None)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., 2, :] = False  # query 2 sees no key
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = ops.flash_attention_lse(*leaves, mask, 0.25, False)[0]
+    out.backward(torch.randn_like(out))
+    assert torch.equal(leaves[0].grad[:, :, 2], torch.zeros_like(leaves[0].grad[:, :, 2]))
+    assert torch.isfinite(leaves[1].grad).all() and torch.isfinite(leaves[2].grad).all()
+
+
+def test_flash_attention_inference_op_backward_recomputes_lse():
+    """The inference op ``cohere::flash_attention`` is differentiable too (one extra forward)."""
+    q, k, v, mask = _attention_inputs(torch.float32, 1, 4, 2, 9, 9, 16, "additive")
+
+    def ours(q, k, v):
+        return ops.flash_attention(q, k, v, mask, 0.25, True)
+
+    errs = _grads_vs_fp64(ours, lambda q, k, v: ref_attention(q, k, v, mask, 0.25, True), [q, k, v],
+                          [torch.randn(1, 4, 9, 16)], torch.float32)
+    assert max(errs) < 1e-5, errs
+
+
+def test_flash_attention_rejects_mask_grad():
+    q, k, v, mask = _attention_inputs(torch.float32, 1, 2, 2, 5, 5, 16, "additive")
+    out = ops.flash_attention_lse(q.requires_grad_(), k, v, mask.requires_grad_(), 0.25, False)[0]
+    with pytest.raises(RuntimeError, match="mask gets no gradient"):
+        out.sum().backward()
+
+
 # ---------------------------------------------------------------- gradcheck (fp32: our ops reject fp64)
 
 
@@ -219,6 +318,9 @@ def test_gradcheck_all_backward_ops():
     q, k, qw, kw_, cos, sin = _rope_inputs(torch.float32, b=1, hq=2, hk=1, t=3, d=4)
     leaves = [t.detach().requires_grad_() for t in (q, k, qw, kw_)]
     assert torch.autograd.gradcheck(lambda *a: ops.qk_norm_rope(*a, cos, sin, EPS), leaves, **kw)
+    q, k, v, mask = _attention_inputs(torch.float32, 1, 2, 1, 5, 5, 16, "additive")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda *a: ops.flash_attention_lse(*a, mask, 0.25, True)[0], leaves, **kw)
 
 
 # ---------------------------------------------------------------- tiny Cohere models, trained
