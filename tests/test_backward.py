@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cohere_compile as cc
+from cohere_compile.kernels import attention_backward as attn_kernels
 from cohere_compile.kernels import layer_norm as ln_kernels
 from cohere_compile.kernels import rope as rope_kernels
 from cohere_compile.kernels import swiglu as swiglu_kernels
@@ -331,17 +332,23 @@ BACKWARD_LAUNCHERS = {
     "swiglu": (swiglu_kernels, "swiglu_backward"),
     "layer_norm": (ln_kernels, "layer_norm_backward"),
     "qk_norm_rope": (rope_kernels, "qk_norm_rope_backward"),
+    "attention": (attn_kernels, "flash_attention_backward"),
 }
 
 
 @contextlib.contextmanager
 def counting_backward_kernels(monkeypatch):
+    """Counts launches per pass; for attention also records the K heads the backward got
+    (the KV heads when GQA is native, the query heads if K/V were repeated)."""
     counts = {name: 0 for name in BACKWARD_LAUNCHERS}
+    counts["attention_k_heads"] = set()
     for name, (module, attr) in BACKWARD_LAUNCHERS.items():
         original = getattr(module, attr)
 
         def counted(*args, _name=name, _original=original, **kwargs):
             counts[_name] += 1
+            if _name == "attention":
+                counts["attention_k_heads"].add(args[2].shape[1])  # (grad_out, q, k, ...)
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(module, attr, counted)
@@ -386,13 +393,14 @@ def test_training_gradients_match_eager_and_backward_uses_our_kernels(use_qk_nor
     errs = {n: rel_err(grads[n], ref_grads[n]) for n in ref_grads}
     assert max(errs.values()) < 1e-4, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
 
-    # One joint graph; SDPA's training form (log-sum-exp used by its backward) is left to
-    # Inductor until flash_attention has a backward, and HF eager attention's backward
-    # does not match the forward-only attention pattern: 0 attention rewrites in training.
+    # One joint graph. SDPA's training form (forward + backward pair) is rewritten; HF
+    # eager attention in training is not (its pattern is forward-only): 0 there.
     assert len(graphs) == 1, graphs
-    expected = {"qk_norm_rope": LAYERS, "attention": 0, "swiglu": LAYERS, "layer_norm": LAYERS + 1}
+    n_attn = LAYERS if attn == "sdpa" else 0
+    expected = {"qk_norm_rope": LAYERS, "attention": n_attn, "swiglu": LAYERS, "layer_norm": LAYERS + 1}
     assert graphs[0] == expected
     # Frozen norms: the first norm's input (the embeddings) needs no grad, so it has no
     # backward at all; the fused add3 norms still backpropagate to the residual stream.
-    want = {"swiglu": LAYERS, "qk_norm_rope": LAYERS, "layer_norm": LAYERS if frozen else LAYERS + 1}
+    want = {"swiglu": LAYERS, "qk_norm_rope": LAYERS, "layer_norm": LAYERS if frozen else LAYERS + 1,
+            "attention": n_attn, "attention_k_heads": {kv_heads} if n_attn else set()}
     assert launches == want
