@@ -362,17 +362,20 @@ def _train_step(model, ids, am, labels):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-# (use_qk_norm, kv heads, attn implementation, frozen): "frozen" trains like LoRA does
-# around the layers (embeddings and norm weights frozen), exercising the patterns whose
-# inputs do not all need grad and the inference-style match of the first norm.
+# (use_qk_norm, kv heads, attn implementation, frozen, dynamic): "frozen" trains like LoRA
+# does around the layers (embeddings and norm weights frozen), exercising the patterns
+# whose inputs do not all need grad and the inference-style match of the first norm;
+# dynamic=True turns the norms' eps into graph inputs (the *_tensor_eps twins).
 TRAIN_CONFIGS = [
-    pytest.param(True, 2, "sdpa", False, id="qknorm-gqa-sdpa-full"),
-    pytest.param(False, 4, "eager", True, id="noqknorm-mha-eager-frozen"),
+    pytest.param(True, 2, "sdpa", False, True, id="qknorm-gqa-sdpa-full-dynamic"),
+    pytest.param(False, 4, "eager", True, False, id="noqknorm-mha-eager-frozen-static"),
 ]
 
 
-@pytest.mark.parametrize("use_qk_norm,kv_heads,attn,frozen", TRAIN_CONFIGS)
-def test_training_gradients_match_eager_and_backward_uses_our_kernels(use_qk_norm, kv_heads, attn, frozen, monkeypatch):
+@pytest.mark.parametrize("use_qk_norm,kv_heads,attn,frozen,dynamic", TRAIN_CONFIGS)
+def test_training_gradients_match_eager_and_backward_uses_our_kernels(
+    use_qk_norm, kv_heads, attn, frozen, dynamic, monkeypatch
+):
     model = make_model(tiny_config(use_qk_norm, kv_heads, attn, layers=LAYERS), torch.float32).train()
     if frozen:
         for name, p in model.named_parameters():
@@ -383,7 +386,7 @@ def test_training_gradients_match_eager_and_backward_uses_our_kernels(use_qk_nor
     ref_loss, ref_grads = _train_step(model, ids, am, labels)
     assert len(ref_grads) > 0
 
-    cc.optimize(model, passes=PASS_NAMES)
+    cc.optimize(model, passes=PASS_NAMES, dynamic=dynamic)
     with counting_backward_kernels(monkeypatch) as launches, recording() as graphs, \
             torch._inductor.config.patch(force_disable_caches=True):
         loss, grads = _train_step(model, ids, am, labels)
