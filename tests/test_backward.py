@@ -407,3 +407,17 @@ def test_training_gradients_match_eager_and_backward_uses_our_kernels(
     want = {"swiglu": LAYERS, "qk_norm_rope": LAYERS, "layer_norm": LAYERS if frozen else LAYERS + 1,
             "attention": n_attn, "attention_k_heads": {kv_heads} if n_attn else set()}
     assert launches == want
+
+
+def test_training_patterns_survive_a_first_build_under_inference_mode():
+    """Patterns are built once per process; a first build inside torch.inference_mode
+    (e.g. under generate) must still register the joint (training) variants."""
+    from cohere_compile.passes import swiglu
+
+    def n_entries(pass_):
+        return sum(len(v) for v in pass_.patterns.values())
+
+    normal = n_entries(swiglu.build()[0])
+    with torch.inference_mode():
+        under_inference = n_entries(swiglu.build()[0])
+    assert normal == under_inference == 4  # {fwd_only, joint_fwd_bwd} x {fp32, bf16} traces

@@ -102,6 +102,14 @@ def register(
     grad in one training-graph (``joint_fwd_bwd``) variant, registered after the
     forward-only ones. ``inference=False`` registers the training variants only.
     """
+    # Patterns are built once per process, on first use; that may happen under
+    # torch.inference_mode (e.g. generate), where register_replacement drops joint
+    # (training) patterns for good. Build outside it.
+    with torch.inference_mode(False):
+        _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference)
+
+
+def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference):
     scalars = dict(scalars or {})
     seen = getattr(patterns, "_cohere_seen", set())
     patterns._cohere_seen = seen
