@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from ..kernels import attention as kernel
+from ..kernels import attention_backward as bwd_kernel
 from ..kernels import empty_heads_like
 from . import reference
 from ._dispatch import check_inputs, use_triton
@@ -42,8 +43,6 @@ def _(q, k, v, mask, scale, is_causal):
 # (B, H, Q) fp32, log2 units, which its backward reads instead of redoing the softmax
 # statistics. ``flash_attention`` itself stays the inference op; its autograd (for
 # direct callers) recomputes that log-sum-exp with one extra forward.
-
-from ..kernels import attention_backward as bwd_kernel  # noqa: E402
 
 
 def _check(q, k, v, mask, name):
