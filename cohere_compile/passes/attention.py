@@ -1,13 +1,15 @@
 """``attention``: the attention core -> ``cohere::flash_attention`` with native GQA.
 
-Two graph shapes reach us:
+Three graph shapes reach us:
 - HF ``sdpa``: by the joint graph SDPA is already lowered to a device-specific aten
   op (``_scaled_dot_product_flash_attention_for_cpu`` on CPU; flash / efficient /
   cuDNN on CUDA). We rewrite any of them whose extra outputs (log-sum-exp, seeds)
   are unused, i.e. inference graphs.
+- HF ``sdpa`` in training: the lowered forward and its backward, as a pair ->
+  ``cohere::flash_attention_lse`` + ``cohere::flash_attention_backward``.
 - HF ``eager``: matmul -> scale -> + mask -> fp32 softmax -> cast -> matmul, matched
-  as a traced pattern.
-In both, HF's ``repeat_kv`` (unsqueeze -> expand -> clone -> view) in front of K and V
+  as a traced pattern (inference graphs only).
+In all, HF's ``repeat_kv`` (unsqueeze -> expand -> clone -> view) in front of K and V
 is peeled off, so the kernel reads each KV head once for its whole query group.
 """
 
@@ -110,14 +112,15 @@ def rewrite_sdpa(graph: torch.fx.Graph) -> int:
     return count
 
 
-# Training: SDPA's lowered forward paired with its backward -> the name of the backward's
-# mask argument (None: it takes none). Dropout must be 0 (checked on the forward).
-_SDPA_BACKWARDS = {
-    "_scaled_dot_product_flash_attention_for_cpu_backward": "attn_mask",
-    "_scaled_dot_product_flash_attention_backward": None,
-    "_scaled_dot_product_efficient_attention_backward": "attn_bias",
-    "_scaled_dot_product_cudnn_attention_backward": "attn_bias",
-}
+# Training: the backwards of SDPA's lowerings. Each is paired with its forward through
+# the ``out`` / ``logsumexp`` it reads; mask, scale, causality and dropout (must be 0)
+# come from the forward.
+_SDPA_BACKWARDS = (
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention_backward",
+)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim, aten.squeeze.dims)
 
 
@@ -157,7 +160,7 @@ def rewrite_sdpa_training(graph: torch.fx.Graph) -> int:
     get the un-repeated K/V and write the KV heads' gradients directly (the repeat's
     backward sum becomes dead code); if that backward chain is not recognised, the
     repeated K/V are passed instead (still correct, just not native GQA)."""
-    backwards = {getattr(aten, n).default: m for n, m in _SDPA_BACKWARDS.items() if hasattr(aten, n)}
+    backwards = {getattr(aten, n).default for n in _SDPA_BACKWARDS if hasattr(aten, n)}
     forwards = _sdpa_overloads()
     count = 0
     for bwd in list(graph.nodes):
@@ -198,7 +201,7 @@ def rewrite_sdpa_training(graph: torch.fx.Graph) -> int:
         grad_out = b.get("grad_out", b.get("grad_out_"))
         kv_targets = {}
         if k is not k_rep or v is not v_rep:
-            for i, rep, plain in ((1, k_rep, k), (2, v_rep, v)):
+            for i, plain in ((1, k), (2, v)):
                 item = bwd_items.get(i)
                 kv_targets[i] = None if item is None else _repeat_kv_grad_sum(item, _val(plain).shape)
             if any(bwd_items.get(i) is not None and kv_targets[i] is None for i in (1, 2)):
