@@ -369,6 +369,7 @@ def _train_step(model, ids, am, labels):
 TRAIN_CONFIGS = [
     pytest.param(True, 2, "sdpa", False, True, id="qknorm-gqa-sdpa-full-dynamic"),
     pytest.param(False, 4, "eager", True, False, id="noqknorm-mha-eager-frozen-static"),
+    pytest.param(True, 2, "sdpa", True, False, id="qknorm-gqa-sdpa-frozen-static"),
 ]
 
 
