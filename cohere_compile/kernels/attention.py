@@ -62,10 +62,10 @@ def flash_attention_kernel(
     k_ptr, skb, skh, skn, skd,
     v_ptr, svb, svh, svn, svd,
     mask_ptr, smb, smh, smm, smn, range_ptr, n_mask_heads,
-    o_ptr, sob, soh, som, sod,
+    o_ptr, sob, soh, som, sod, lse_ptr,
     n_heads, n_rep, q_len, kv_len, head_dim, qk_scale, mask_floor,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -141,6 +141,9 @@ def flash_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if STORE_LSE:  # log-sum-exp of the log2-scaled scores, for the backward; -inf: nothing visible
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(lse_ptr + bh * q_len + offs_m, lse, mask=row_ok)
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -153,24 +156,32 @@ def _blocks(q_len: int, head_dim: int, device: torch.device):
     return block_m, block_n, 8 if block_m == 128 else 4, 3
 
 
-def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
+def _expand_mask(mask, bsz, n_heads, q_len, kv_len):
+    """-> (mask expanded to (B, 1|H, Q, K) by strides, its head count, its masked floor)."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    n_mask_heads = n_heads if mask.shape[1] != 1 else 1
+    mask = mask.expand(bsz, n_mask_heads, q_len, kv_len)
+    mask_floor = torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else 0.0
+    return mask, n_mask_heads, mask_floor
+
+
+def flash_attention(q, k, v, mask, scale: float, is_causal: bool, return_lse: bool = False):
     """q: (B, H, Q, D); k, v: (B, Hkv, K, D) with H % Hkv == 0; mask broadcastable to
-    (B, H, Q, K), bool or additive float. Returns (B, H, Q, D) laid out as (B, Q, H, D)."""
+    (B, H, Q, K), bool or additive float. Returns (B, H, Q, D) laid out as (B, Q, H, D);
+    with ``return_lse`` also the (B, H, Q) fp32 log-sum-exp (log2 units) the backward needs."""
     bsz, n_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     n_rep = n_heads // k.shape[1]
     out = empty_heads_like(q)
+    lse = torch.empty((bsz, n_heads, q_len), dtype=torch.float32, device=q.device) if return_lse else q
     if out.numel() == 0:
-        return out
+        return (out, lse) if return_lse else out
     block_m, block_n, warps, stages = _blocks(q_len, head_dim, q.device)
     grid = (triton.cdiv(q_len, block_m), bsz * n_heads)
     ranges, n_mask_heads, mask_floor = q, 1, 0.0
     if mask is not None:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        n_mask_heads = n_heads if mask.shape[1] != 1 else 1
-        mask = mask.expand(bsz, n_mask_heads, q_len, kv_len)
-        mask_floor = torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else 0.0
+        mask, n_mask_heads, mask_floor = _expand_mask(mask, bsz, n_heads, q_len, kv_len)
         ranges = torch.empty((bsz * n_mask_heads, grid[0], 2), dtype=torch.int32, device=q.device)
         mask_block_range_kernel[(grid[0], bsz * n_mask_heads)](
             mask, *mask.stride(), ranges, n_mask_heads, q_len, kv_len, triton.cdiv(kv_len, block_n),
@@ -181,13 +192,13 @@ def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
         q, *q.stride(), k, *k.stride(), v, *v.stride(),
         mask if mask is not None else q, *(mask.stride() if mask is not None else (0, 0, 0, 0)),
         ranges, n_mask_heads,
-        out, *out.stride(),
+        out, *out.stride(), lse,
         n_heads, n_rep, q_len, kv_len, head_dim, float(scale) * LOG2E,
         float(mask_floor),
         HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
         IS_CAUSAL=bool(is_causal), IEEE_DOT=q.dtype == torch.float32 or interpreting(),
-        UPCAST_DOT=interpreting() and q.dtype != torch.float32,
+        UPCAST_DOT=interpreting() and q.dtype != torch.float32, STORE_LSE=return_lse,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
         num_warps=warps, num_stages=stages,
     )
-    return out
+    return (out, lse) if return_lse else out

@@ -92,3 +92,129 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
             BLOCK_D=block_d, num_warps=4,
         )
     return q_out, k_out
+
+
+# ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _unrotate_heads(
+    g_ptr, sgb, sgh, sgt, sgd,
+    x_ptr, sxb, sxh, sxt, sxd,
+    dx_ptr, sdb, sdh, sdt,
+    w_ptr, dw_acc, cos, sin_partner, b, t, n_heads, head_dim, eps,
+    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """RoPE backward (the rotation by -theta: out[d^1] holds +-x[d] sin[d^1]), then the
+    per-head norm backward with mean/rstd recomputed from x. Returns dw_acc + dn * xhat."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    valid = (h < n_heads) & (d < head_dim)
+    g_row = g_ptr + b * sgb + t * sgt + h * sgh
+    g = tl.load(g_row + d * sgd, mask=valid, other=0.0).to(tl.float32)
+    g_partner = tl.load(g_row + (d ^ 1) * sgd, mask=valid, other=0.0).to(tl.float32)
+    sign = tl.where((d % 2) == 0, 1.0, -1.0)
+    dn = g * cos + (sign * g_partner) * sin_partner
+    if HAS_NORM:
+        dn = dn.to(dx_ptr.dtype.element_ty).to(tl.float32)  # eager rounds at the norm's output cast
+        x = tl.load(x_ptr + b * sxb + t * sxt + h * sxh + d * sxd, mask=valid, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / head_dim
+        centred = tl.where(valid, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / head_dim + eps)
+        xhat = centred * rstd[:, None]
+        w = tl.load(w_ptr + h * head_dim + d, mask=valid, other=0.0).to(tl.float32)
+        dxhat = dn * w
+        c1 = tl.sum(xhat * dxhat, axis=1) / head_dim
+        c2 = tl.sum(dxhat, axis=1) / head_dim
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        dw_acc += dn * xhat
+    else:
+        dx = dn
+    tl.store(dx_ptr + b * sdb + t * sdt + h * sdh + d, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+    return dw_acc
+
+
+@triton.jit
+def qk_norm_rope_backward_kernel(
+    gq_ptr, sgqb, sgqh, sgqt, sgqd,
+    gk_ptr, sgkb, sgkh, sgkt, sgkd,
+    q_ptr, sqb, sqh, sqt, sqd,
+    k_ptr, skb, skh, skt, skd,
+    dq_ptr, sdqb, sdqh, sdqt,
+    dk_ptr, sdkb, sdkh, sdkt,
+    qw_ptr, kw_ptr, dqw_part_ptr, dkw_part_ptr,
+    cos_ptr, sin_ptr, scb, sct, scd,
+    n_tokens, tokens_per_program, seq_len, n_q_heads, n_k_heads, head_dim, eps,
+    HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Each program owns a contiguous run of tokens and writes one fp32 partial of each
+    weight gradient (summed over its tokens), reduced on the host."""
+    pid = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    d_valid = d < head_dim
+    dwq = tl.zeros([BLOCK_HQ, BLOCK_D], tl.float32)
+    dwk = tl.zeros([BLOCK_HK, BLOCK_D], tl.float32)
+    start = pid * tokens_per_program
+    end = tl.minimum(start + tokens_per_program, n_tokens)
+    for tok in range(start, end):
+        b = tok // seq_len
+        t = tok % seq_len
+        cos = tl.load(cos_ptr + b * scb + t * sct + d * scd, mask=d_valid, other=0.0).to(tl.float32)
+        sin_p = tl.load(sin_ptr + b * scb + t * sct + (d ^ 1) * scd, mask=d_valid, other=0.0).to(tl.float32)
+        dwq = _unrotate_heads(gq_ptr, sgqb, sgqh, sgqt, sgqd, q_ptr, sqb, sqh, sqt, sqd,
+                              dq_ptr, sdqb, sdqh, sdqt, qw_ptr, dwq, cos, sin_p, b, t,
+                              n_q_heads, head_dim, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
+        dwk = _unrotate_heads(gk_ptr, sgkb, sgkh, sgkt, sgkd, k_ptr, skb, skh, skt, skd,
+                              dk_ptr, sdkb, sdkh, sdkt, kw_ptr, dwk, cos, sin_p, b, t,
+                              n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+    if HAS_NORM:
+        hq = tl.arange(0, BLOCK_HQ)[:, None]
+        hk = tl.arange(0, BLOCK_HK)[:, None]
+        tl.store(dqw_part_ptr + pid * n_q_heads * head_dim + hq * head_dim + d, dwq,
+                 mask=(hq < n_q_heads) & d_valid)
+        tl.store(dkw_part_ptr + pid * n_k_heads * head_dim + hk * head_dim + d, dwk,
+                 mask=(hk < n_k_heads) & d_valid)
+
+
+def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
+    """Backward of ``qk_norm_rope``. Returns ``(dq, dk, dq_weight, dk_weight)``; the
+    weight grads are None without QK norm. dq / dk are laid out (B, T, H, D)."""
+    import torch
+
+    bsz, n_q, seq, dim = q.shape
+    n_k = k.shape[1]
+    dq, dk = empty_heads_like(q), empty_heads_like(k)
+    has_norm = q_weight is not None
+    cos = cos.expand(bsz, seq, dim)
+    sin = sin.expand(bsz, seq, dim)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    tokens = bsz * seq
+    if tokens == 0:
+        zeros = (torch.zeros_like(q_weight), torch.zeros_like(k_weight)) if has_norm else (None, None)
+        return dq, dk, *zeros
+    if q.device.type == "cuda":
+        programs = min(tokens, 4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+    else:
+        programs = min(tokens, 4)  # the interpreter: few programs, fast tests
+    per_program = triton.cdiv(tokens, programs)
+    programs = triton.cdiv(tokens, per_program)
+    if has_norm:
+        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+        dqw = torch.empty((programs, n_q, dim), dtype=torch.float32, device=q.device)
+        dkw = torch.empty((programs, n_k, dim), dtype=torch.float32, device=q.device)
+    else:
+        dqw = dkw = q_weight = k_weight = dq
+    qk_norm_rope_backward_kernel[(programs,)](
+        grad_q, *grad_q.stride(), grad_k, *grad_k.stride(),
+        q, *q.stride(), k, *k.stride(),
+        dq, *dq.stride()[:3], dk, *dk.stride()[:3],
+        q_weight, k_weight, dqw, dkw,
+        cos, sin, *cos.stride(),
+        tokens, per_program, seq, n_q, n_k, dim, float(eps),
+        HAS_NORM=has_norm, BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(n_k),
+        BLOCK_D=next_pow2(dim), num_warps=4,
+    )
+    if not has_norm:
+        return dq, dk, None, None
+    return dq, dk, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype)

@@ -15,6 +15,20 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return (weight.float() * ((xf - mean) * torch.rsqrt(var + eps))).to(x.dtype)
 
 
+def layer_norm_backward(grad_out, x, weight, eps, grad_h=None):
+    """fp32 autograd through ``layer_norm``; ``grad_h`` (add3's residual-sum grad) is added to dx."""
+    with torch.enable_grad():
+        xf = x.detach().float().requires_grad_()
+        wf = weight.detach().float().requires_grad_()
+        mean = xf.mean(-1, keepdim=True)
+        var = (xf - mean).pow(2).mean(-1, keepdim=True)
+        out = wf * ((xf - mean) * torch.rsqrt(var + eps))
+        dx, dw = torch.autograd.grad(out, (xf, wf), grad_out.float())
+    if grad_h is not None:
+        dx = dx + grad_h.float()
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
 def add3_layer_norm(residual, attn, mlp, weight, eps):
     h = residual + attn + mlp
     return h, layer_norm(h, weight, eps)
@@ -40,8 +54,27 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     return rope(q, cos, sin), rope(k, cos, sin)
 
 
+def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
+    """Autograd through ``qk_norm_rope`` (the definition above, same rounding points)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, k, q_weight, k_weight)]
+        q_out, k_out = qk_norm_rope(*leaves, cos, sin, eps)
+        wanted = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad((q_out, k_out), wanted, (grad_q, grad_k))
+    return (*grads, None, None) if q_weight is None else tuple(grads)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_backward(grad_out, gate, up):
+    """What eager autograd computes for ``silu(gate) * up`` (same rounding points)."""
+    d_up = grad_out * torch.nn.functional.silu(gate)
+    d_act = grad_out * up
+    sig = torch.sigmoid(gate.float())
+    d_gate = d_act.float() * sig * (1 + gate.float() * (1 - sig))
+    return d_gate.to(gate.dtype), d_up.to(up.dtype)
 
 
 def visible_and_bias(mask):
@@ -117,3 +150,29 @@ def paged_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale: float)
     else:
         mask = torch.where(visible, 0.0, float("-inf"))
     return flash_attention(q, k, v, mask.float(), scale, False)
+
+
+def flash_attention_lse(q, k, v, mask, scale: float, is_causal: bool):
+    """``flash_attention`` and its log-sum-exp in log2 units (-inf where a row sees nothing)."""
+    n_rep = q.shape[1] // k.shape[1]
+    kr = k.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q.float(), kr.float().transpose(-1, -2)) * scale
+    q_len, kv_len = scores.shape[-2:]
+    visible = torch.ones_like(scores, dtype=torch.bool)
+    if mask is not None:
+        mask_visible, bias = visible_and_bias(mask)
+        visible = visible & mask_visible
+        scores = scores + bias
+    if is_causal:
+        visible = visible & torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()
+    lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1) * 1.4426950408889634
+    return flash_attention(q, k, v, mask, scale, is_causal), lse
+
+
+def flash_attention_backward(grad_out, q, k, v, mask, scale: float, is_causal: bool):
+    """fp32 autograd through ``flash_attention``'s definition; grads in the inputs' dtypes."""
+    with torch.enable_grad():
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*leaves, mask, scale, is_causal)
+        grads = torch.autograd.grad(out, leaves, grad_out.float())
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))

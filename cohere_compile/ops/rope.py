@@ -57,3 +57,88 @@ def _fake(q, k, q_weight, k_weight, cos, sin, eps):
 
 for _op in (qk_norm_rope, qk_norm_rope_tensor_eps):
     _op.register_fake(_fake)
+
+
+# ---------------------------------------------------------------- backward
+# Saves the op's inputs only: the rotation and the per-head mean / rstd are recomputed.
+
+
+def _qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
+    check_inputs("cohere::qk_norm_rope_backward", grad_q, grad_k, q, k, q_weight, k_weight, cos, sin)
+    eps = eps_value(eps)
+    if use_triton(q):
+        dq, dk, dqw, dkw = kernel.qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps)
+    else:
+        dq_ref, dk_ref, dqw, dkw = reference.qk_norm_rope_backward(
+            grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps
+        )
+        dq, dk = empty_heads_like(q).copy_(dq_ref), empty_heads_like(k).copy_(dk_ref)
+    if q_weight is None:  # custom ops cannot return None: empty stand-ins, dropped by autograd
+        dqw, dkw = q.new_empty(0), k.new_empty(0)
+    return dq, dk, dqw, dkw
+
+
+def _backward_fake(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
+    if q_weight is None:
+        dqw, dkw = q.new_empty(0), k.new_empty(0)
+    else:
+        dqw, dkw = torch.empty_like(q_weight), torch.empty_like(k_weight)
+    return empty_heads_like(q), empty_heads_like(k), dqw, dkw
+
+
+@torch.library.custom_op("cohere::qk_norm_rope_backward", mutates_args=())
+def qk_norm_rope_backward(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+    q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+    cos: torch.Tensor, sin: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dq_weight, dk_weight)``; the weight grads are empty without QK norm."""
+    return _qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps)
+
+
+@torch.library.custom_op("cohere::qk_norm_rope_backward_tensor_eps", mutates_args=())
+def qk_norm_rope_backward_tensor_eps(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+    q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+    cos: torch.Tensor, sin: torch.Tensor, eps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps)
+
+
+for _op in (qk_norm_rope_backward, qk_norm_rope_backward_tensor_eps):
+    _op.register_fake(_backward_fake)
+
+
+def _setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps = inputs
+    ctx.has_weights = q_weight is not None
+    ctx.eps_is_tensor = isinstance(eps, torch.Tensor)
+    saved = [q, k, cos, sin] + ([q_weight, k_weight] if ctx.has_weights else [])
+    if ctx.eps_is_tensor:  # a tensor eps (dynamic=True) stays a tensor: .item() would break tracing
+        saved.append(eps)
+    else:
+        ctx.eps = eps
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_q, grad_k):
+    if ctx.needs_input_grad[4] or ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+        raise RuntimeError(
+            "cohere::qk_norm_rope: no gradient for cos, sin or eps (HF computes them from a buffer); "
+            "pass them without requires_grad"
+        )
+    saved = list(ctx.saved_tensors)
+    q, k, cos, sin = saved[:4]
+    q_weight, k_weight = saved[4:6] if ctx.has_weights else (None, None)
+    if ctx.eps_is_tensor:
+        op, eps = torch.ops.cohere.qk_norm_rope_backward_tensor_eps, saved[-1]
+    else:
+        op, eps = torch.ops.cohere.qk_norm_rope_backward, ctx.eps
+    dq, dk, dqw, dkw = op(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps)
+    if not ctx.has_weights:
+        dqw = dkw = None
+    return dq, dk, dqw, dkw, None, None, None
+
+
+for _op in (qk_norm_rope, qk_norm_rope_tensor_eps):
+    _op.register_autograd(_backward, setup_context=_setup)

@@ -1,4 +1,5 @@
-"""``cohere::swiglu``: ``silu(gate) * up`` in one pass."""
+"""``cohere::swiglu``: ``silu(gate) * up`` in one pass, and its backward
+``cohere::swiglu_backward`` (saves gate and up only; sigmoid is recomputed)."""
 
 import torch
 
@@ -20,3 +21,31 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @swiglu.register_fake
 def _(gate, up):
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@torch.library.custom_op("cohere::swiglu_backward", mutates_args=())
+def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_inputs("cohere::swiglu_backward", grad_out, gate, up)
+    if use_triton(gate):
+        return kernel.swiglu_backward(grad_out, gate, up)
+    d_gate, d_up = reference.swiglu_backward(grad_out, gate, up)
+    return d_gate.contiguous(), d_up.contiguous()
+
+
+@swiglu_backward.register_fake
+def _(grad_out, gate, up):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), torch.empty(
+        up.shape, dtype=up.dtype, device=up.device
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    gate, up = ctx.saved_tensors
+    return torch.ops.cohere.swiglu_backward(grad_out, gate, up)
+
+
+swiglu.register_autograd(_backward, setup_context=_setup_context)

@@ -3,6 +3,13 @@
 Patterns are traced with Inductor's ``fwd_only`` from functions that mirror Hugging
 Face's Cohere code, once with and once without dtype casts, and matched on the joint graph (``joint_custom_post_pass``),
 where views are still ``aten.view`` and inference and training graphs both pass.
+
+Training graphs hold the forward subgraph *and* its decomposed backward; a forward-only
+pattern cannot match there (the backward reads its intermediates). ``register(...,
+grad_variants=...)`` also traces the search function with ``joint_fwd_bwd`` (forward +
+backward, tangents as pattern inputs) for each given set of inputs that require grad;
+the replacement is traced the same way, so the backward graph gets our ``*_backward``
+op from the custom op's ``register_autograd``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from torch._inductor.pattern_matcher import (
     PatternMatcherPass,
     fwd_only,
     fx_to_pattern,
+    joint_fwd_bwd,
     gen_pattern_and_search_gm,
     register_replacement,
 )
@@ -25,6 +33,10 @@ aten = torch.ops.aten
 # Ops whose list argument is a shape burned in by the example trace.
 _SHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 _ANY_SIZE = 0.5  # a float: fx_to_pattern ignores floats, so such a list matches any shape
+# Backward traces also burn sizes into a zeros buffer (``full``) and into the divisor
+# of a mean's gradient (``div.Scalar(grad, n)``): wildcards there too.
+_JOINT_SHAPE_OPS = (aten.full.default, aten.new_zeros.default, aten.zeros.default)
+_JOINT_SIZE_SCALAR_OPS = (aten.div.Scalar,)
 
 # An fp32 trace has no casts; a bf16 trace has them. Cast targets are not part of
 # the pattern, so the bf16 trace also matches fp16 graphs.
@@ -41,7 +53,7 @@ def meta_val(match: Match, name: str):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
 
 
-def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict) -> PatternExpr:
+def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict, trace_fn=fwd_only) -> PatternExpr:
     """Trace ``search_fn`` into a pattern that ignores shapes but keeps every other int.
 
     Inductor's own patterns ignore all ints on the first match and re-trace with the
@@ -51,14 +63,22 @@ def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict)
     steps, exponents and permutations must match exactly, so one trace serves
     static and dynamic graphs alike.
     """
-    _, gm = gen_pattern_and_search_gm(search_fn, example_inputs, fwd_only, scalars)
+    _, gm = gen_pattern_and_search_gm(search_fn, example_inputs, trace_fn, scalars)
+    joint = trace_fn is joint_fwd_bwd
     for node in gm.graph.nodes:
         if node.target in _SHAPE_OPS:
             node.args = (node.args[0], [_ANY_SIZE] * len(node.args[1]), *node.args[2:])
+        elif joint and node.target in _JOINT_SHAPE_OPS:
+            node.args = ([_ANY_SIZE] * len(node.args[0]), *node.args[1:])
+        elif joint and node.target in _JOINT_SIZE_SCALAR_OPS and isinstance(node.args[1], int):
+            node.args = (node.args[0], _ANY_SIZE)
+    argnames = list(inspect.signature(search_fn).parameters)
+    if joint:  # tangents_1.. follow the arguments, as register_replacement's normalize_args expects
+        argnames += [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.target.startswith("tangents")]
     return fx_to_pattern(
         gm,
         ignore_types=(float, torch.device, torch.dtype),
-        argnames=list(inspect.signature(search_fn).parameters),
+        argnames=argnames,
         scalar_workaround=scalars,
     )
 
@@ -70,24 +90,41 @@ def register(
     make_inputs: Callable[[torch.dtype], Sequence],
     scalars: dict | None = None,
     extra_check: Callable[[Match], bool] | None = None,
+    grad_variants: Sequence[Sequence[str]] = (),
+    inference: bool = True,
 ) -> None:
     """Register ``search_fn -> replace_fn`` for fp32 and low-precision graphs.
 
     ``make_inputs(dtype)`` returns one list of example inputs, or a list of such
     lists when the traced graph depends on input strides (e.g. ``matmul`` on a
     transposed view adds a ``clone``). Variants that trace to the same pattern are
-    registered once.
+    registered once. Each entry of ``grad_variants`` names the arguments that require
+    grad in one training-graph (``joint_fwd_bwd``) variant, registered after the
+    forward-only ones. ``inference=False`` registers the training variants only.
     """
+    # Patterns are built once per process, on first use; that may happen under
+    # torch.inference_mode (e.g. generate), where register_replacement drops joint
+    # (training) patterns for good. Build outside it.
+    with torch.inference_mode(False):
+        _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference)
+
+
+def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference):
     scalars = dict(scalars or {})
     seen = getattr(patterns, "_cohere_seen", set())
     patterns._cohere_seen = seen
-    for dtype in TRACE_DTYPES:
+    argnames = list(inspect.signature(search_fn).parameters)
+    traces = [(fwd_only, ())] * inference + [(joint_fwd_bwd, tuple(names)) for names in grad_variants]
+    for (trace_fn, grad_names), dtype in ((t, d) for t in traces for d in TRACE_DTYPES):
         examples = list(make_inputs(dtype))
         variants = examples if isinstance(examples[0], (list, tuple)) else [examples]
         for inputs in variants:
-            inputs = list(inputs)
-            pattern = strict_pattern(search_fn, inputs, scalars)
-            key = (search_fn.__qualname__, str(pattern))
+            inputs = [
+                x.detach().requires_grad_(name in grad_names) if isinstance(x, torch.Tensor) else x
+                for name, x in zip(argnames, inputs)
+            ]
+            pattern = strict_pattern(search_fn, inputs, scalars, trace_fn)
+            key = (search_fn.__qualname__, trace_fn.__name__, grad_names, str(pattern))
             if key in seen:
                 continue
             seen.add(key)
@@ -96,7 +133,7 @@ def register(
                 search_fn,
                 replace_fn,
                 inputs,
-                fwd_only,
+                trace_fn,
                 [patterns],
                 scalar_workaround=scalars,
                 search_fn_pattern=pattern,

@@ -1,20 +1,22 @@
 """``attention``: the attention core -> ``cohere::flash_attention`` with native GQA.
 
-Two graph shapes reach us:
+Three graph shapes reach us:
 - HF ``sdpa``: by the joint graph SDPA is already lowered to a device-specific aten
   op (``_scaled_dot_product_flash_attention_for_cpu`` on CPU; flash / efficient /
   cuDNN on CUDA). We rewrite any of them whose extra outputs (log-sum-exp, seeds)
   are unused, i.e. inference graphs.
+- HF ``sdpa`` in training: the lowered forward and its backward, as a pair ->
+  ``cohere::flash_attention_lse`` + ``cohere::flash_attention_backward``.
 - HF ``eager``: matmul -> scale -> + mask -> fp32 softmax -> cast -> matmul, matched
-  as a traced pattern.
-In both, HF's ``repeat_kv`` (unsqueeze -> expand -> clone -> view) in front of K and V
+  as a traced pattern (inference graphs only).
+In all, HF's ``repeat_kv`` (unsqueeze -> expand -> clone -> view) in front of K and V
 is peeled off, so the kernel reads each KV head once for its whole query group.
 """
 
 import operator
 
 import torch
-from torch._inductor.pattern_matcher import PatternMatcherPass
+from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topological_sort
 
 from ._patterns import SCALE_PLACEHOLDER, register
 
@@ -113,6 +115,126 @@ def rewrite_sdpa(graph: torch.fx.Graph, accept=None) -> int:
     return count
 
 
+# Training: the backwards of SDPA's lowerings. Each is paired with its forward through
+# the ``out`` / ``logsumexp`` it reads; mask, scale, causality and dropout (must be 0)
+# come from the forward.
+_SDPA_BACKWARDS = (
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention_backward",
+)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim, aten.squeeze.dims)
+
+
+def _bind(node: torch.fx.Node) -> dict:
+    schema_args = node.target._schema.arguments
+    bound = {a.name: a.default_value if a.has_default_value() else None for a in schema_args}
+    bound.update(zip((a.name for a in schema_args), node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _repeat_kv_grad_sum(node: torch.fx.Node, kv_shape) -> torch.fx.Node | None:
+    """From the gradient of a repeated K/V, follow HF's repeat_kv backward (view -> sum
+    over the repeat dim -> views) to the node holding the un-repeated gradient."""
+    summed = False
+    while len(node.users) == 1:
+        (node,) = node.users
+        if node.target == aten.sum.dim_IntList:
+            summed = True
+        elif node.target not in _VIEWS:
+            return None
+        val = _val(node)
+        if summed and val is not None and tuple(val.shape) == tuple(kv_shape):
+            return node
+    return None
+
+
+def _getitem(graph, node, i):
+    item = graph.call_function(operator.getitem, (node, i))
+    item.meta["val"] = node.meta["val"][i]
+    return item
+
+
+def rewrite_sdpa_training(graph: torch.fx.Graph) -> int:
+    """Replace a lowered SDPA forward + its backward with ``flash_attention_lse`` +
+    ``flash_attention_backward``. Where K/V come through HF's ``repeat_kv``, the kernels
+    get the un-repeated K/V and write the KV heads' gradients directly (the repeat's
+    backward sum becomes dead code); if that backward chain is not recognised, the
+    repeated K/V are passed instead (still correct, just not native GQA)."""
+    backwards = {getattr(aten, n).default for n in _SDPA_BACKWARDS if hasattr(aten, n)}
+    forwards = _sdpa_overloads()
+    count = 0
+    for bwd in list(graph.nodes):
+        if bwd.op != "call_function" or bwd.target not in backwards:
+            continue
+        b = _bind(bwd)
+        out_item, lse_item = b.get("out"), b.get("logsumexp")
+        if not all(isinstance(n, torch.fx.Node) and n.target is operator.getitem for n in (out_item, lse_item)):
+            continue
+        fwd = out_item.args[0]
+        if fwd is not lse_item.args[0] or fwd.target not in forwards or out_item.args[1] != 0:
+            continue
+        f = _bind(fwd)
+        if f.get("dropout_p") not in (None, 0.0):
+            continue
+        fwd_users = list(fwd.users)
+        if any(u.target is not operator.getitem for u in fwd_users):
+            continue
+        if any(u not in (out_item, lse_item) and any(x is not bwd for x in u.users) for u in fwd_users):
+            continue  # another output (rng state, ...) feeds something besides this backward
+        if any(x is not bwd for x in lse_item.users):
+            continue
+        mask_arg = forwards[fwd.target]
+        mask = f.get(mask_arg) if mask_arg else None
+        q, k_rep, v_rep = f["query"], f["key"], f["value"]
+        k, v = peel_repeat_kv(k_rep), peel_repeat_kv(v_rep)
+        q_val, k_val = _val(q), _val(k)
+        if q_val is None or k_val is None or q_val.shape[1] % k_val.shape[1]:
+            continue
+        scale = f.get("scale")
+        scale = q_val.shape[-1] ** -0.5 if scale is None else scale
+        is_causal = bool(f.get("is_causal") or False)
+        bwd_items = {u.args[1]: u for u in bwd.users if u.target is operator.getitem}
+        if any(u.target is not operator.getitem for u in bwd.users):
+            continue
+        if any(i >= 3 and item.users for i, item in bwd_items.items()):
+            continue  # the mask's gradient (efficient attention's 4th output) is used
+        grad_out = b.get("grad_out", b.get("grad_out_"))
+        kv_targets = {}
+        if k is not k_rep or v is not v_rep:
+            for i, plain in ((1, k), (2, v)):
+                item = bwd_items.get(i)
+                kv_targets[i] = None if item is None else _repeat_kv_grad_sum(item, _val(plain).shape)
+            if any(bwd_items.get(i) is not None and kv_targets[i] is None for i in (1, 2)):
+                k, v, kv_targets = k_rep, v_rep, {}  # unrecognised repeat backward: keep repeated K/V
+        with graph.inserting_before(fwd):
+            new_fwd = graph.call_function(
+                torch.ops.cohere.flash_attention_lse.default, (q, k, v, mask, float(scale), is_causal)
+            )
+            _set_fake_val(new_fwd)
+            new_out, new_lse = _getitem(graph, new_fwd, 0), _getitem(graph, new_fwd, 1)
+        with graph.inserting_before(bwd):
+            new_bwd = graph.call_function(
+                torch.ops.cohere.flash_attention_backward.default,
+                (grad_out, q, k, v, new_out, new_lse, mask, float(scale), is_causal),
+            )
+            _set_fake_val(new_bwd)
+            grads = [_getitem(graph, new_bwd, i) for i in range(3)]
+        for i, item in bwd_items.items():
+            target = kv_targets.get(i) or item
+            if i < 3:
+                target.replace_all_uses_with(grads[i])
+        out_item.replace_all_uses_with(new_out)
+        count += 1
+    if count:  # drop the SDPA pair now so later stages see no stray users; earlier
+        # pattern stages may have left the graph out of order, which DCE's lint rejects
+        stable_topological_sort(graph)
+        graph.eliminate_dead_code()
+    return count
+
+
 def _set_fake_val(node: torch.fx.Node) -> None:
     """Give a hand-inserted node the ``meta['val']`` later Inductor passes rely on."""
     args = torch.fx.map_arg(node.args, _val)
@@ -180,4 +302,4 @@ def register_eager_patterns(eager: PatternMatcherPass, extra_check=_scale_is_flo
 def build() -> list:
     eager = PatternMatcherPass(pass_name="eager_attention")
     register_eager_patterns(eager)
-    return [rewrite_sdpa, eager]
+    return [rewrite_sdpa, rewrite_sdpa_training, eager]

@@ -36,6 +36,41 @@ def _replace_add3(residual, attn, mlp, weight, eps):
     return torch.ops.cohere.add3_layer_norm(residual, attn, mlp, weight, eps)
 
 
+def _search_add3_last(residual, attn, mlp, weight, eps):
+    """The final norm: in training its residual sum has no other use, so the joint
+    graph has no incoming gradient for it (a different backward from ``_search_add3``)."""
+    return cohere_layer_norm(residual + attn + mlp, weight, eps)
+
+
+def _replace_add3_last(residual, attn, mlp, weight, eps):
+    return _replace_add3(residual, attn, mlp, weight, eps)[1]
+
+
+def _search_first(x, attn, mlp, weight, next_weight, eps):
+    """Layer 0's input norm in training when the embeddings need grad. ``x`` also feeds
+    the residual sum (already fused into ``add3_layer_norm`` by the stage before), and
+    autograd interleaves that gradient with the norm's own partial sums, so the norm's
+    backward only matches together with it."""
+    out = cohere_layer_norm(x, weight, eps)
+    h, next_out = torch.ops.cohere.add3_layer_norm(x, attn, mlp, next_weight, eps)
+    return out, h, next_out
+
+
+def _replace_first(x, attn, mlp, weight, next_weight, eps):
+    h, next_out = _replace_add3(x, attn, mlp, next_weight, eps)
+    return _replace(x, weight, eps), h, next_out
+
+
+def _search_first_last(x, attn, mlp, weight, next_weight, eps):
+    """``_search_first`` for a one-layer model: the sum feeds only the final norm."""
+    out = cohere_layer_norm(x, weight, eps)
+    return out, torch.ops.cohere.add3_layer_norm(x, attn, mlp, next_weight, eps)[1]
+
+
+def _replace_first_last(x, attn, mlp, weight, next_weight, eps):
+    return _replace(x, weight, eps), _replace_add3(x, attn, mlp, next_weight, eps)[1]
+
+
 def _search(x, weight, eps):
     return cohere_layer_norm(x, weight, eps)
 
@@ -58,10 +93,28 @@ def build() -> list[PatternMatcherPass]:
         fused, _search_add3, _replace_add3,
         lambda dt: [torch.randn(2, 3, hid, dtype=dt) for _ in range(3)] + [torch.randn(hid, dtype=dt), EPS_PLACEHOLDER],
         scalars={"eps": EPS_PLACEHOLDER}, extra_check=_hidden_norm,
+        grad_variants=[("residual", "attn", "mlp", "weight"), ("residual", "attn", "mlp")],
     )
+    register(
+        fused, _search_add3_last, _replace_add3_last,
+        lambda dt: [torch.randn(2, 3, hid, dtype=dt) for _ in range(3)] + [torch.randn(hid, dtype=dt), EPS_PLACEHOLDER],
+        scalars={"eps": EPS_PLACEHOLDER}, extra_check=_hidden_norm, inference=False,
+        grad_variants=[("residual", "attn", "mlp", "weight"), ("residual", "attn", "mlp")],
+    )
+    first_inputs = lambda dt: (  # noqa: E731
+        [torch.randn(2, 3, hid, dtype=dt) for _ in range(3)] + [torch.randn(hid, dtype=dt) for _ in range(2)]
+        + [EPS_PLACEHOLDER]
+    )
+    for search, replace in ((_search_first, _replace_first), (_search_first_last, _replace_first_last)):
+        register(
+            plain, search, replace, first_inputs, scalars={"eps": EPS_PLACEHOLDER}, extra_check=_hidden_norm,
+            inference=False,
+            grad_variants=[("x", "attn", "mlp", "weight", "next_weight"), ("x", "attn", "mlp")],
+        )
     register(
         plain, _search, _replace,
         lambda dt: [torch.randn(2, 3, hid, dtype=dt), torch.randn(hid, dtype=dt), EPS_PLACEHOLDER],
         scalars={"eps": EPS_PLACEHOLDER}, extra_check=_hidden_norm,
+        grad_variants=[("x", "weight"), ("x",)],
     )
     return [fused, plain]

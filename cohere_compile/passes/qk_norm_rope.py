@@ -64,6 +64,7 @@ def build() -> list[PatternMatcherPass]:
         return [torch.randn(b, h, t, d, dtype=dt), torch.randn(b, kv, t, d, dtype=dt),
                 torch.randn(1, t, d, dtype=dt), torch.randn(1, t, d, dtype=dt)]
 
-    register(fused, _search_norm_rope, _replace_norm_rope, norm_inputs, scalars={"eps": EPS_PLACEHOLDER})
-    register(rope_only, _search_rope, _replace_rope, rope_inputs)
+    register(fused, _search_norm_rope, _replace_norm_rope, norm_inputs, scalars={"eps": EPS_PLACEHOLDER},
+             grad_variants=[("q", "k", "q_weight", "k_weight"), ("q", "k")])
+    register(rope_only, _search_rope, _replace_rope, rope_inputs, grad_variants=[("q", "k")])
     return [fused, rope_only]

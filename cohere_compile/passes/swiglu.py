@@ -26,5 +26,5 @@ def _same_shape(match) -> bool:
 def build() -> list[PatternMatcherPass]:
     patterns = PatternMatcherPass(pass_name=NAME)
     register(patterns, _search, _replace, lambda dt: [torch.randn(2, 3, 8, dtype=dt), torch.randn(2, 3, 8, dtype=dt)],
-             extra_check=_same_shape)
+             extra_check=_same_shape, grad_variants=[("gate", "up")])
     return [patterns]
