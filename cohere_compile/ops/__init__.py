@@ -5,7 +5,7 @@ kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``) and the plain-torch
 reference on CPU otherwise; each has a fake implementation for tracing.
 """
 
-from . import attention, norm, rope, swiglu  # noqa: F401  (registration side effects)
+from . import attention, cross_entropy, norm, rope, swiglu  # noqa: F401  (registration side effects)
 from ._dispatch import UnsupportedInputError
 
 OPS = {
@@ -14,6 +14,7 @@ OPS = {
     "qk_norm_rope": rope.qk_norm_rope,
     "swiglu": swiglu.swiglu,
     "flash_attention": attention.flash_attention,
+    "linear_cross_entropy": cross_entropy.linear_cross_entropy_op,
 }
 
 __all__ = ["OPS", "UnsupportedInputError"]

@@ -72,3 +72,12 @@ def flash_attention(q, k, v, mask, scale: float, is_causal: bool):
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
     return torch.matmul(probs.float(), v.float()).to(q.dtype)
+
+
+def linear_cross_entropy(hidden, weight, labels, scale: float, ignore_index: int = -100, reduction: str = "mean"):
+    """Hugging Face's Cohere LM head + ``ForCausalLMLoss`` on already-shifted labels: logits in
+    the input dtype, scaled, upcast to fp32, cross-entropy (``sum`` or ``mean`` over the
+    non-ignored rows). Materialises every logit: the definition, not the fast path."""
+    logits = torch.nn.functional.linear(hidden, weight) * scale
+    logits = logits.float().reshape(-1, weight.shape[0])
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
