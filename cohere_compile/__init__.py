@@ -11,6 +11,7 @@ from .api import CompileOptions, UnsupportedModelError, optimize
 from .backend import cohere_backend
 from .explain import Explanation, explain
 from .ops import UnsupportedInputError
+from .ops.cross_entropy import linear_cross_entropy
 from .passes import DEFAULT_PASSES, PASS_NAMES
 
 __version__ = "0.1.0"
@@ -25,4 +26,5 @@ __all__ = [
     "DEFAULT_PASSES",
     "UnsupportedModelError",
     "UnsupportedInputError",
+    "linear_cross_entropy",
 ]

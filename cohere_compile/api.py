@@ -12,6 +12,7 @@ from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
 from .passes.manager import validate_pass_names
+from .training_outputs import drop_training_logits
 
 SUPPORTED_MODEL_TYPES = {"cohere": "CohereForCausalLM / CohereModel (Command R, Command R+, Aya 23 / Expanse)"}
 
@@ -67,6 +68,7 @@ def optimize(
     passes: Sequence[str] | None = None,
     dynamic: bool | None = None,
     fullgraph: bool = False,
+    keep_training_logits: bool = False,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
@@ -75,6 +77,9 @@ def optimize(
     work as before); calls go through ``torch.compile`` with our passes enabled.
     ``passes`` picks rewrites by name (default: all of ``cohere_compile.PASS_NAMES``);
     extra keyword arguments are Inductor config options (e.g. ``max_autotune=True``).
+    With the ``linear_cross_entropy`` pass on, training calls with ``labels`` return
+    ``logits=None`` so the logits are never materialised (``training_outputs``);
+    ``keep_training_logits=True`` keeps them (and the loss is then not fused).
     """
     check_model(model)
     options = CompileOptions(
@@ -85,6 +90,7 @@ def optimize(
     )
     model.compile(backend=make_backend(options.backend_options()), dynamic=dynamic, fullgraph=fullgraph)
     model._cohere_compile_options = options
+    drop_training_logits(base_model(model), enabled="linear_cross_entropy" in options.passes and not keep_training_logits)
     return model
 
 

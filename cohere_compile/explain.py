@@ -9,12 +9,14 @@ import torch
 from .api import base_model, check_model, options_of
 from .backend import make_backend
 from .passes import PASS_NAMES, recording
+from .training_outputs import ForwardWithoutTrainingLogits
 
 
 def expected_rewrites(config) -> dict[str, int]:
     """What a complete rewrite of one forward graph of a Cohere model gives."""
     layers = config.num_hidden_layers
-    return {"qk_norm_rope": layers, "attention": layers, "swiglu": layers, "layer_norm": layers + 1}
+    return {"qk_norm_rope": layers, "attention": layers, "swiglu": layers, "layer_norm": layers + 1,
+            "linear_cross_entropy": 0}
 
 
 @dataclass
@@ -69,9 +71,16 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Explanation:
     matches = {name: sum(g.get(name, 0) for g in graphs) for name in PASS_NAMES}
     n_graphs = len(calls)
     breaks = int(dynamo_report.graph_break_count)
+    expected = expected_rewrites(base_model(model).config)
+    # The loss is fused where the graph computes it without returning logits: a training
+    # call with labels through optimize's forward wrapper (training_outputs).
+    expected["linear_cross_entropy"] = int(
+        model.training and kwargs.get("labels") is not None
+        and isinstance(base_model(model).__dict__.get("forward"), ForwardWithoutTrainingLogits)
+    )
     return Explanation(
         matches=matches,
-        expected=expected_rewrites(base_model(model).config),
+        expected=expected,
         enabled=options.passes,
         graphs=n_graphs,
         graph_breaks=breaks,
