@@ -82,6 +82,16 @@ def test_all_ignored_chunk_and_sum_reduction(chunk_bytes):
     assert rel_err(h.grad, ref_gh) < 1e-5 and rel_err(w.grad, ref_gw) < 1e-5
 
 
+def test_every_label_ignored_gives_nan_mean_and_zero_grads():
+    """As torch's cross_entropy: 0 / 0 loss; no row contributes a gradient."""
+    h, w, y = random_problem(9, 8, 40, torch.float32, seed=9)
+    y[:] = -100
+    loss = cc.linear_cross_entropy(h, w, y, 0.5)
+    assert torch.isnan(loss) and torch.isnan(reference.linear_cross_entropy(h, w, y, 0.5))
+    loss.backward()
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
 def test_grad_output_scales_gradients():
     """Gradients are computed in the forward and multiplied by grad_output in the backward."""
     h, w, y = random_problem(11, 8, 50, torch.float32, seed=4, ignore_every=4)
