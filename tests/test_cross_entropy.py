@@ -220,19 +220,28 @@ def train_step(model, **inputs):
     return out, grads
 
 
-# (qk norm, kv heads, dtype, num_items_in_batch, freeze the tied embedding / LM head)
+# (qk norm, kv heads, dtype, num_items_in_batch, peft LoRA on all seven linears: frozen tied LM head)
 TRAIN_CASES = [
-    pytest.param(True, 2, torch.float32, False, False, id="qknorm-gqa-fp32-mean"),
-    pytest.param(False, 4, torch.float32, True, True, id="mha-fp32-num_items-frozen_head"),
-    pytest.param(False, 2, torch.bfloat16, True, False, id="gqa-bf16-num_items"),
+    pytest.param(True, 2, torch.float32, False, False, id="qknorm-gqa-fp32-mean-full"),
+    pytest.param(False, 4, torch.float32, True, True, id="mha-fp32-num_items-lora"),
+    pytest.param(False, 2, torch.bfloat16, True, False, id="gqa-bf16-num_items-full"),
 ]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("qk,kv,dtype,num_items,frozen_head", TRAIN_CASES)
-def test_pass_training_matches_eager(qk, kv, dtype, num_items, frozen_head, monkeypatch):
+def with_lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    # random A and B (peft's default B = 0 would make every A gradient exactly 0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0, init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("qk,kv,dtype,num_items,lora", TRAIN_CASES)
+def test_pass_training_matches_eager(qk, kv, dtype, num_items, lora, monkeypatch):
     model = make_model(tiny_config(qk, kv, layers=1), dtype).train()
-    if frozen_head:
-        model.model.embed_tokens.weight.requires_grad_(False)  # tied: also the LM head
+    if lora:
+        model = with_lora(model).train()
     ids, am = padded_inputs()
     inputs = dict(input_ids=ids, attention_mask=am, labels=labels_for(ids, am))
     if num_items:
@@ -253,7 +262,10 @@ def test_pass_training_matches_eager(qk, kv, dtype, num_items, frozen_head, monk
     assert len(calls) == 1, "the compiled training step did not run cohere::linear_cross_entropy"
     assert out.logits is None  # dropped in training so the logits never exist
     assert set(grads) == set(ref_grads)
-    assert ("model.embed_tokens.weight" in grads) == (not frozen_head)
+    if lora:  # only adapters train; the tied embedding / LM head is frozen
+        assert grads and all("lora_" in name for name in grads)
+    else:
+        assert "model.embed_tokens.weight" in grads
     if dtype == torch.float32:
         assert abs(out.loss.item() - ref_out.loss.item()) < 1e-5 * abs(ref_out.loss.item())
         for name, g in grads.items():
