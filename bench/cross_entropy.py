@@ -129,7 +129,6 @@ def main():
         sys.exit("TRITON_INTERPRET=1 is set: unset it (TRITON_INTERPRET=0) to time the compiled Triton kernel")
     dtype = getattr(torch, args.dtype)
     tokens = args.batch * args.seq
-    torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(unfused_loss)
     variants = {"eager": unfused_loss, "compiled": compiled, "fused": cc.linear_cross_entropy}
 
