@@ -11,6 +11,7 @@ from cohere_compile.kernels import cross_entropy as kernel
 from cohere_compile.ops import cross_entropy as ce
 from cohere_compile.ops import reference
 from cohere_compile.passes import recording
+from cohere_compile.training_outputs import ForwardWithoutTrainingLogits
 from conftest import make_model, padded_inputs, rel_err, tiny_config
 
 PASS = "linear_cross_entropy"
@@ -291,9 +292,13 @@ def test_keep_training_logits_does_not_fuse_and_stays_correct(monkeypatch):
     assert abs(out.loss.item() - ref_out.loss.item()) < 1e-5 * ref_out.loss.item()
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) < 1e-4, name
-    # and switching back on (optimize again) drops them
+    # optimize again without the opt-out re-installs the wrapper (checked eagerly through
+    # model.forward itself, which the compiled __call__ would wrap: no second compile)
     cc.optimize(model, passes=[PASS])
-    assert model(**inputs).logits is None
+    assert isinstance(model.__dict__["forward"], ForwardWithoutTrainingLogits)
+    assert model.forward(**inputs).logits is None
+    model.eval()
+    assert model.forward(**inputs).logits is not None
 
 
 def test_eval_loss_without_grad_uses_inference_pattern(monkeypatch):

@@ -103,8 +103,12 @@ def rows_torch(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, g
 
 
 def chunk_rows(n_rows: int, n_cols: int, element_size: int, budget_bytes: int) -> int:
-    """Rows per chunk so that one chunk of logits stays within ``budget_bytes``."""
-    return max(1, min(n_rows, budget_bytes // max(1, n_cols * element_size)))
+    """Rows per chunk so that one chunk of logits stays within ``budget_bytes``; a multiple
+    of 128 when that large (whole matmul tiles)."""
+    rows = budget_bytes // max(1, n_cols * element_size)
+    if rows >= 128:
+        rows -= rows % 128
+    return max(1, min(n_rows, rows))
 
 
 def fused_linear_cross_entropy(
