@@ -93,6 +93,13 @@ def test_every_label_ignored_gives_nan_mean_and_zero_grads():
     assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
 
 
+def test_chunk_rows():
+    assert kernel.chunk_rows(4096, 256000, 2, 512 * 2**20) == 1024  # Aya on CUDA: 4 chunks of 1024
+    assert kernel.chunk_rows(10, 100, 4, 64 * 2**20) == 10
+    assert kernel.chunk_rows(5, 10**6, 4, 1) == 1
+    assert kernel.chunk_rows(300, 1000, 4, 100 * 4000) == 100  # under 128 rows: not rounded
+
+
 def test_grad_output_scales_gradients():
     """Gradients are computed in the forward and multiplied by grad_output in the backward."""
     h, w, y = random_problem(11, 8, 50, torch.float32, seed=4, ignore_every=4)
