@@ -231,7 +231,7 @@ def train_step(model, **inputs):
 # (qk norm, kv heads, dtype, num_items_in_batch, peft LoRA on all seven linears: frozen tied LM head)
 TRAIN_CASES = [
     pytest.param(True, 2, torch.float32, False, False, id="qknorm-gqa-fp32-mean-full"),
-    pytest.param(False, 4, torch.float32, True, True, id="mha-fp32-num_items-lora"),
+    pytest.param(False, 4, torch.float32, True, True, id="mha-fp32-num_items-lora-dynamic"),
     pytest.param(False, 2, torch.bfloat16, True, False, id="gqa-bf16-num_items-full"),
 ]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -262,7 +262,7 @@ def test_pass_training_matches_eager(qk, kv, dtype, num_items, lora, monkeypatch
         model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
         fp32_out, fp32_grads = train_step(model32, **inputs)
 
-    cc.optimize(model, passes=[PASS])
+    cc.optimize(model, passes=[PASS], dynamic=lora)  # the LoRA case also covers dynamic shapes
     calls = count_op_calls(monkeypatch)
     with recording() as graphs, torch._inductor.config.patch(force_disable_caches=True):
         out, grads = train_step(model, **inputs)
