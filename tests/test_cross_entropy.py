@@ -123,6 +123,17 @@ def test_frozen_weight_and_no_grad():
     assert abs(loss.item() - fp64_reference(h, w, y, 0.5)[0].item()) < 1e-5
 
 
+def test_tensor_scale_twin_matches():
+    """``dynamic=True`` graphs carry logit_scale as a 0-d float64 tensor: the op twin reads it."""
+    h, w, y = random_problem(12, 8, 77, torch.float32, seed=10, ignore_every=5)
+    a = ce.linear_cross_entropy_op(h, w, y, 0.3, -100, "sum", True, True)
+    b = torch.ops.cohere.linear_cross_entropy_tensor_scale(
+        h, w, y, torch.tensor(0.3, dtype=torch.float64), -100, "sum", True, True
+    )
+    for x, z in zip(a, b):
+        assert torch.equal(x, z)
+
+
 def test_torch_path_matches_triton_path(monkeypatch):
     """Without TRITON_INTERPRET the op runs the same chunking with a plain-torch row function."""
     h, w, y = random_problem(17, 12, 333, torch.bfloat16, seed=6, ignore_every=3)

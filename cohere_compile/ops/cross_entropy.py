@@ -54,17 +54,10 @@ def _check_label_range(labels, vocab, ignore_index):
         )
 
 
-@torch.library.custom_op("cohere::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    scale: float,
-    ignore_index: int,
-    reduction: str,
-    compute_grad_hidden: bool,
-    compute_grad_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_cross_entropy(hidden, weight, labels, scale, ignore_index, reduction, compute_grad_hidden,
+                          compute_grad_weight):
+    if isinstance(scale, torch.Tensor):
+        scale = float(scale.item())
     _check(hidden, weight, labels, ignore_index, reduction)
     _check_label_range(labels, weight.shape[0], ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
@@ -82,8 +75,39 @@ def linear_cross_entropy_op(
     return loss, g_h, g_w
 
 
-@linear_cross_entropy_op.register_fake
-def _(hidden, weight, labels, scale, ignore_index, reduction, compute_grad_hidden, compute_grad_weight):
+@torch.library.custom_op("cohere::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    ignore_index: int,
+    reduction: str,
+    compute_grad_hidden: bool,
+    compute_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_cross_entropy(hidden, weight, labels, scale, ignore_index, reduction, compute_grad_hidden,
+                                 compute_grad_weight)
+
+
+@torch.library.custom_op("cohere::linear_cross_entropy_tensor_scale", mutates_args=())
+def linear_cross_entropy_tensor_scale_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    compute_grad_hidden: bool,
+    compute_grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The twin for graphs where ``logit_scale`` is a 0-d tensor input (``dynamic=True`` lifts
+    the module's float attribute into one)."""
+    return _linear_cross_entropy(hidden, weight, labels, scale, ignore_index, reduction, compute_grad_hidden,
+                                 compute_grad_weight)
+
+
+def _fake(hidden, weight, labels, scale, ignore_index, reduction, compute_grad_hidden, compute_grad_weight):
     loss = hidden.new_empty((), dtype=torch.float32)
     g_h = hidden.new_empty(hidden.shape if compute_grad_hidden else (0,))
     g_w = weight.new_empty(weight.shape if compute_grad_weight else (0,))
@@ -109,7 +133,9 @@ def _backward(ctx, grad_loss, _grad_h, _grad_w):
     return grad_h, grad_w, None, None, None, None, None, None
 
 
-linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+for _op in (linear_cross_entropy_op, linear_cross_entropy_tensor_scale_op):
+    _op.register_fake(_fake)
+    _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(

@@ -64,12 +64,44 @@ def _search_sum(hidden, weight, labels, scale):
     return cohere_loss(hidden, weight, labels, scale, "sum")
 
 
+# dynamic=True: Dynamo lifts the float ``logit_scale`` to a 0-d float64 tensor input and casts it
+# to the logits' dtype before the multiply (once in the forward, once in the backward; the
+# ``_share_scalar_casts`` stage merges those two casts, as this trace has one).
+def _search_mean_tensor_scale(hidden, weight, labels, scale):
+    return cohere_loss(hidden, weight, labels, scale.to(hidden.dtype), "mean")
+
+
+def _search_sum_tensor_scale(hidden, weight, labels, scale):
+    return cohere_loss(hidden, weight, labels, scale.to(hidden.dtype), "sum")
+
+
+def _share_scalar_casts(graph: torch.fx.Graph) -> int:
+    """Merge identical casts of one 0-d graph input (CSE for what the patterns read as
+    ``scale``). Rewrites nothing else; counts as no rewrite."""
+    first: dict = {}
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.prims.convert_element_type.default:
+            continue
+        src = node.args[0]
+        val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if src.op != "placeholder" or not isinstance(val, torch.Tensor) or val.dim() != 0:
+            continue
+        key = (src, node.args[1])
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+    return 0
+
+
 def _replacement(reduction: str, grad_hidden: bool, grad_weight: bool):
     def replace(hidden, weight, labels, scale):
         flat = hidden.reshape(-1, hidden.shape[-1])
-        loss, _, _ = torch.ops.cohere.linear_cross_entropy(
-            flat, weight, labels, scale, IGNORE_INDEX, reduction, grad_hidden, grad_weight
-        )
+        op = torch.ops.cohere.linear_cross_entropy
+        if isinstance(scale, torch.Tensor):  # dynamic=True: logit_scale is a 0-d tensor input
+            op = torch.ops.cohere.linear_cross_entropy_tensor_scale
+        loss, _, _ = op(flat, weight, labels, scale, IGNORE_INDEX, reduction, grad_hidden, grad_weight)
         return loss
 
     replace.__name__ = f"replace_{reduction}_{int(grad_hidden)}{int(grad_weight)}"
@@ -96,11 +128,11 @@ def _normalize_like_inductor(gm: torch.fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
 
 
-def _strict_pattern(search_fn, example_inputs, trace_fn):
+def _strict_pattern(search_fn, example_inputs, trace_fn, scalars):
     """Like ``_patterns.strict_pattern`` (shapes are wildcards, every other int exact) for
     either trace, after Inductor's joint-graph normalisation; the one-hot's ``iota(vocab)``
     length is a wildcard too."""
-    _, gm = gen_pattern_and_search_gm(search_fn, example_inputs, trace_fn, _SCALARS)
+    _, gm = gen_pattern_and_search_gm(search_fn, example_inputs, trace_fn, scalars)
     _normalize_like_inductor(gm)
     for node in gm.graph.nodes:
         if node.target in _SHAPE_OPS:
@@ -111,24 +143,32 @@ def _strict_pattern(search_fn, example_inputs, trace_fn):
         gm,
         ignore_types=(float, torch.device, torch.dtype),
         argnames=list(inspect.signature(search_fn).parameters),
-        scalar_workaround=_SCALARS,
+        scalar_workaround=scalars,
     )
 
 
-def _inputs(dtype, hidden_grad: bool, weight_grad: bool):
+def _inputs(dtype, hidden_grad: bool, weight_grad: bool, tensor_scale: bool):
     hidden = torch.randn(2, 3, 8, dtype=dtype, requires_grad=hidden_grad)
     weight = torch.randn(16, 8, dtype=dtype, requires_grad=weight_grad)
     labels = torch.tensor([1, -100, 3, 4, 15, 0])
-    return [hidden, weight, labels, SCALE_PLACEHOLDER]
+    # Dynamo lifts an unspecialised Python float (dynamic=True) to a 0-d float64 tensor
+    scale = torch.tensor(SCALE_PLACEHOLDER, dtype=torch.float64) if tensor_scale else SCALE_PLACEHOLDER
+    return [hidden, weight, labels, scale]
 
 
-def _register(patterns, search_fn, replace_fn, trace_fn, hidden_grad, weight_grad):
+def _register(patterns, search_fn, replace_fn, trace_fn, hidden_grad, weight_grad, tensor_scale):
+    seen = patterns.__dict__.setdefault("_cohere_seen", set())
+    scalars = {} if tensor_scale else _SCALARS
     for dtype in TRACE_DTYPES:
-        inputs = _inputs(dtype, hidden_grad, weight_grad)
-        pattern = _strict_pattern(search_fn, inputs, trace_fn)
+        inputs = _inputs(dtype, hidden_grad, weight_grad, tensor_scale)
+        pattern = _strict_pattern(search_fn, inputs, trace_fn, scalars)
+        key = (weight_grad, str(pattern))
+        if key in seen:  # variants that trace alike are registered once
+            continue
+        seen.add(key)
         register_replacement(
             search_fn, replace_fn, inputs, trace_fn, [patterns],
-            scalar_workaround=_SCALARS, search_fn_pattern=pattern,
+            scalar_workaround=scalars, search_fn_pattern=pattern,
         )
 
 
@@ -138,8 +178,12 @@ def build() -> list[PatternMatcherPass]:
     an inference pattern cannot take a training graph (its log-probs feed the backward)."""
     train = PatternMatcherPass(pass_name=f"{NAME}_train")
     infer = PatternMatcherPass(pass_name=f"{NAME}_infer")
-    for reduction, search in (("mean", _search_mean), ("sum", _search_sum)):
-        _register(train, search, _replacement(reduction, True, True), joint_fwd_bwd, True, True)
-        _register(train, search, _replacement(reduction, True, False), joint_fwd_bwd, True, False)
-        _register(infer, search, _replacement(reduction, False, False), fwd_only, False, False)
-    return [train, infer]
+    searches = (("mean", _search_mean, False), ("sum", _search_sum, False),
+                ("mean", _search_mean_tensor_scale, True), ("sum", _search_sum_tensor_scale, True))
+    for reduction, search, tensor_scale in searches:
+        for trace_fn, hidden_grad, weight_grad, target in (
+            (joint_fwd_bwd, True, True, train), (joint_fwd_bwd, True, False, train), (fwd_only, False, False, infer)
+        ):
+            replace = _replacement(reduction, hidden_grad, weight_grad)
+            _register(target, search, replace, trace_fn, hidden_grad, weight_grad, tensor_scale)
+    return [_share_scalar_casts, train, infer]
