@@ -83,8 +83,10 @@ def _share_scalar_casts(graph: torch.fx.Graph) -> int:
         if node.target is not torch.ops.prims.convert_element_type.default:
             continue
         src = node.args[0]
-        val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-        if src.op != "placeholder" or not isinstance(val, torch.Tensor) or val.dim() != 0:
+        if not isinstance(src, torch.fx.Node) or src.op != "placeholder":
+            continue
+        val = src.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() != 0:
             continue
         key = (src, node.args[1])
         if key in first:
