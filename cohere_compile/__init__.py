@@ -16,6 +16,7 @@ from .explain import Explanation, explain
 from .fast_model import FastCohereModel
 from .generate import generate
 from .ops import UnsupportedInputError
+from .ops.cross_entropy import linear_cross_entropy
 from .passes import DEFAULT_PASSES, PASS_NAMES
 
 __version__ = "0.1.0"
@@ -35,4 +36,5 @@ __all__ = [
     "CacheCapacityError",
     "SequenceTooLongError",
     "generate",
+    "linear_cross_entropy",
 ]

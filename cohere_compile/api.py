@@ -13,6 +13,7 @@ from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
 from .passes.manager import validate_pass_names
 from .regional import compile_regions
+from .training_outputs import drop_training_logits
 
 SUPPORTED_MODEL_TYPES = {"cohere": "CohereForCausalLM / CohereModel (Command R, Command R+, Aya 23 / Expanse)"}
 
@@ -72,6 +73,7 @@ def optimize(
     quantize: str | None = None,
     group_size: int = 128,
     regional: bool = False,
+    keep_training_logits: bool = False,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
@@ -86,6 +88,9 @@ def optimize(
     ``regional=True`` compiles one decoder layer and reuses it for all layers (plus the
     final norm and the LM head / loss region) instead of the whole model: compile time
     no longer grows with the number of layers. Recommended for training; see regional.py.
+    With the ``linear_cross_entropy`` pass on, training calls with ``labels`` return
+    ``logits=None`` so the logits are never materialised (``training_outputs``);
+    ``keep_training_logits=True`` keeps them (and the loss is then not fused).
     """
     check_model(model)
     if group_size != 128 and quantize != "int4":
@@ -101,6 +106,8 @@ def optimize(
         regional=regional,
         inductor=dict(inductor_options),
     )
+    # Before compiling: the regional head region must trace the wrapper (logits never made).
+    drop_training_logits(base_model(model), enabled="linear_cross_entropy" in options.passes and not keep_training_logits)
     backend = make_backend(options.backend_options())
     if regional:
         compile_regions(model, backend, dynamic=dynamic, fullgraph=fullgraph)

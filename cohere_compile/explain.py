@@ -9,6 +9,7 @@ import torch
 from .api import base_model, check_model, options_of
 from .backend import make_backend
 from .passes import PASS_NAMES, recording
+from .training_outputs import ForwardWithoutTrainingLogits
 
 
 def _is_paged_decode(args, kwargs) -> bool:
@@ -25,7 +26,7 @@ def expected_rewrites(config, args=(), kwargs=None) -> dict[str, int]:
     layers = config.num_hidden_layers
     return {"qk_norm_rope": layers, "attention": layers,
             "paged_attention": layers if _is_paged_decode(args, kwargs or {}) else 0,
-            "swiglu": layers, "layer_norm": layers + 1}
+            "swiglu": layers, "layer_norm": layers + 1, "linear_cross_entropy": 0}
 
 
 @dataclass
@@ -86,9 +87,16 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Explanation:
     matches = {name: sum(g.get(name, 0) for g in graphs) for name in PASS_NAMES}
     n_graphs = len(calls)
     breaks = int(dynamo_report.graph_break_count)
+    expected = expected_rewrites(base_model(model).config, args, kwargs)
+    # The loss is fused where the graph computes it without returning logits: a training
+    # call with labels through optimize's forward wrapper (training_outputs).
+    expected["linear_cross_entropy"] = int(
+        model.training and kwargs.get("labels") is not None
+        and isinstance(base_model(model).__dict__.get("forward"), ForwardWithoutTrainingLogits)
+    )
     return Explanation(
         matches=matches,
-        expected=expected_rewrites(base_model(model).config, args, kwargs),
+        expected=expected,
         enabled=options.passes,
         graphs=n_graphs,
         graph_breaks=breaks,

@@ -176,3 +176,12 @@ def flash_attention_backward(grad_out, q, k, v, mask, scale: float, is_causal: b
         out = flash_attention(*leaves, mask, scale, is_causal)
         grads = torch.autograd.grad(out, leaves, grad_out.float())
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+def linear_cross_entropy(hidden, weight, labels, scale: float, ignore_index: int = -100, reduction: str = "mean"):
+    """Hugging Face's Cohere LM head + ``ForCausalLMLoss`` on already-shifted labels: logits in
+    the input dtype, scaled, upcast to fp32, cross-entropy (``sum`` or ``mean`` over the
+    non-ignored rows). Materialises every logit: the definition, not the fast path."""
+    logits = torch.nn.functional.linear(hidden, weight) * scale
+    logits = logits.float().reshape(-1, weight.shape[0])
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)

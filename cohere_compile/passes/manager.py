@@ -20,11 +20,11 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topological_sort
 
 from .. import ops  # noqa: F401  (registers the cohere:: ops the replacements call)
-from . import attention, layer_norm, paged_attention, qk_norm_rope, swiglu
+from . import attention, layer_norm, linear_cross_entropy, paged_attention, qk_norm_rope, swiglu
 
 # Application order matters: qk_norm_rope must claim the per-head norms before
 # layer_norm looks at norms, and layer_norm's fused adds come before plain norms.
-_MODULES = {m.NAME: m for m in (qk_norm_rope, attention, paged_attention, swiglu, layer_norm)}
+_MODULES = {m.NAME: m for m in (qk_norm_rope, attention, paged_attention, swiglu, layer_norm, linear_cross_entropy)}
 PASS_NAMES: tuple[str, ...] = tuple(_MODULES)
 # On by default only where the H200 ablation (bench/results/prefill_aya-8b_L4_ablation.json,
 # Aya-8B shapes, 4 layers, B1/B4 x 2048) shows the pass at least as fast as Inductor's
