@@ -28,10 +28,11 @@ class CompileOptions:
     dynamic: bool | None = None
     fullgraph: bool = False
     regional: bool = False
+    training_rewrites: bool = False
     inductor: dict[str, Any] = field(default_factory=dict)
 
     def backend_options(self) -> dict[str, Any]:
-        return {"passes": list(self.passes), **self.inductor}
+        return {"passes": list(self.passes), "training_rewrites": self.training_rewrites, **self.inductor}
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -74,6 +75,7 @@ def optimize(
     group_size: int = 128,
     regional: bool = False,
     keep_training_logits: bool = False,
+    training_rewrites: bool = False,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
@@ -91,6 +93,9 @@ def optimize(
     With the ``linear_cross_entropy`` pass on, training calls with ``labels`` return
     ``logits=None`` so the logits are never materialised (``training_outputs``);
     ``keep_training_logits=True`` keeps them (and the loss is then not fused).
+    ``training_rewrites=True`` lets the passes rewrite training (forward+backward) graphs too,
+    with our backward kernels and the fused loss; off by default: verified on CPU, but
+    bf16 LoRA training graphs rewritten this way failed on the H200 (see passes/manager.py).
     """
     check_model(model)
     if group_size != 128 and quantize != "int4":
@@ -104,6 +109,7 @@ def optimize(
         dynamic=dynamic,
         fullgraph=fullgraph,
         regional=regional,
+        training_rewrites=training_rewrites,
         inductor=dict(inductor_options),
     )
     # Before compiling: the regional head region must trace the wrapper (logits never made).

@@ -16,24 +16,26 @@ from torch._inductor.compile_fx import compile_fx
 from .passes import DEFAULT_PASSES, CoherePassManager
 
 
-def split_options(options: dict[str, Any] | None) -> tuple[tuple[str, ...], dict[str, Any]]:
+def split_options(options: dict[str, Any] | None) -> tuple[tuple[str, ...], bool, dict[str, Any]]:
+    """-> (passes, training_rewrites, Inductor config patches)."""
     options = dict(options or {})
     passes = options.pop("passes", DEFAULT_PASSES)
+    training_rewrites = bool(options.pop("training_rewrites", False))
     if isinstance(passes, str):
         passes = [passes]
     unknown = [k for k in options if not hasattr(inductor_config, k)]
     if unknown:
         raise ValueError(
-            f"cohere backend: unknown option(s) {unknown}; use 'passes' or an Inductor config name "
+            f"cohere backend: unknown option(s) {unknown}; use 'passes', 'training_rewrites' or an Inductor config name "
             f"(torch._inductor.config)"
         )
-    return tuple(passes), options
+    return tuple(passes), training_rewrites, options
 
 
 def make_backend(options: dict[str, Any] | None = None):
     """A backend callable with fixed options (what ``cc.optimize`` hands to torch.compile)."""
-    passes, inductor_options = split_options(options)
-    manager = CoherePassManager(passes)
+    passes, training_rewrites, inductor_options = split_options(options)
+    manager = CoherePassManager(passes, training_rewrites)
 
     def cohere_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
         patches = dict(inductor_options)

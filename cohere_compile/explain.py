@@ -88,6 +88,8 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Explanation:
     n_graphs = len(calls)
     breaks = int(dynamo_report.graph_break_count)
     expected = expected_rewrites(base_model(model).config, args, kwargs)
+    if model.training and not options.training_rewrites and any(p.requires_grad for p in model.parameters()):
+        expected = {name: 0 for name in expected}  # training graphs are left to Inductor (opt-in)
     # The loss is fused where the graph computes it without returning logits: a training
     # call with labels through optimize's forward wrapper (training_outputs).
     expected["linear_cross_entropy"] = int(

@@ -387,7 +387,7 @@ def test_training_gradients_match_eager_and_backward_uses_our_kernels(
     ref_loss, ref_grads = _train_step(model, ids, am, labels)
     assert len(ref_grads) > 0
 
-    cc.optimize(model, passes=PASS_NAMES, dynamic=dynamic)
+    cc.optimize(model, passes=PASS_NAMES, dynamic=dynamic, training_rewrites=True)
     with counting_backward_kernels(monkeypatch) as launches, recording() as graphs, \
             torch._inductor.config.patch(force_disable_caches=True):
         loss, grads = _train_step(model, ids, am, labels)
@@ -401,8 +401,9 @@ def test_training_gradients_match_eager_and_backward_uses_our_kernels(
     # eager attention in training is not (its pattern is forward-only): 0 there.
     assert len(graphs) == 1, graphs
     n_attn = LAYERS if attn == "sdpa" else 0
+    # the loss (labels given, training) is fused too: linear_cross_entropy is in PASS_NAMES
     expected = {"qk_norm_rope": LAYERS, "attention": n_attn, "paged_attention": 0, "swiglu": LAYERS,
-                "layer_norm": LAYERS + 1}
+                "layer_norm": LAYERS + 1, "linear_cross_entropy": 1}
     assert graphs[0] == expected
     # Frozen norms: the first norm's input (the embeddings) needs no grad, so it has no
     # backward at all; the fused add3 norms still backpropagate to the residual stream.

@@ -273,7 +273,7 @@ def test_pass_training_matches_eager(qk, kv, dtype, num_items, lora, monkeypatch
         model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
         fp32_out, fp32_grads = train_step(model32, **inputs)
 
-    cc.optimize(model, passes=[PASS], dynamic=lora)  # the LoRA case also covers dynamic shapes
+    cc.optimize(model, passes=[PASS], dynamic=lora, training_rewrites=True)  # the LoRA case also covers dynamic shapes
     calls = count_op_calls(monkeypatch)
     with recording() as graphs, torch._inductor.config.patch(force_disable_caches=True):
         out, grads = train_step(model, **inputs)
@@ -312,7 +312,7 @@ def test_keep_training_logits_does_not_fuse_and_stays_correct(monkeypatch):
         assert rel_err(g, ref_grads[name]) < 1e-4, name
     # optimize again without the opt-out re-installs the wrapper (checked eagerly through
     # model.forward itself, which the compiled __call__ would wrap: no second compile)
-    cc.optimize(model, passes=[PASS])
+    cc.optimize(model, passes=[PASS], training_rewrites=True)
     assert isinstance(model.__dict__["forward"], ForwardWithoutTrainingLogits)
     assert model.forward(**inputs).logits is None
     model.eval()
@@ -334,7 +334,7 @@ def test_eval_loss_without_grad_uses_inference_pattern(monkeypatch):
         loss = loss_fn(ids, am, labels)
     assert sum(g.get(PASS, 0) for g in graphs) == 1 and len(calls) == 1
     assert abs(loss.item() - ref.loss.item()) < 1e-5 * ref.loss.item()
-    cc.optimize(model, passes=[PASS])
+    cc.optimize(model, passes=[PASS], training_rewrites=True)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=am, labels=labels)
     assert out.logits is not None and rel_err(out.logits, ref.logits) < 1e-5
@@ -343,7 +343,7 @@ def test_eval_loss_without_grad_uses_inference_pattern(monkeypatch):
 def test_explain_counts_the_fused_loss():
     model = make_model(tiny_config(False, 2, layers=1), torch.float32).train()
     ids, am = padded_inputs()
-    cc.optimize(model, passes=[PASS])
+    cc.optimize(model, passes=[PASS], training_rewrites=True)
     rep = cc.explain(model, ids, attention_mask=am, labels=labels_for(ids, am))
     assert rep.matches[PASS] == 1 and rep.expected[PASS] == 1 and rep.missing == {}
     assert rep.graph_breaks == 0

@@ -150,7 +150,7 @@ def test_tiny_model_training_gradients_match_eager_on_cuda(use_qk_norm, dtype):
         return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
     ref_loss, ref_grads = step()
-    cc.optimize(model, passes=PASS_NAMES)
+    cc.optimize(model, passes=PASS_NAMES, training_rewrites=True)
     loss, grads = step()
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert _rel(loss, ref_loss) < tol

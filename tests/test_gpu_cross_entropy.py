@@ -80,7 +80,7 @@ def test_pass_on_cuda_training_step():
 
     ref32_out, ref32 = step(model32)
     _, eager = step(model)
-    cc.optimize(model, passes=["linear_cross_entropy"])
+    cc.optimize(model, passes=["linear_cross_entropy"], training_rewrites=True)
     with recording() as graphs, torch._inductor.config.patch(force_disable_caches=True):
         out, grads = step(model)
     assert sum(g.get("linear_cross_entropy", 0) for g in graphs) == 1

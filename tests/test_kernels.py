@@ -393,12 +393,20 @@ def _float64_calls():
     q, k = torch.randn(1, 2, 3, 8, dtype=d), torch.randn(1, 2, 3, 8, dtype=d)
     cs = torch.randn(1, 3, 8, dtype=d)
     x, w = torch.randn(3, 8, dtype=d), torch.randn(8, dtype=d)
+    pool = torch.randn(4, 2, 4, 8, dtype=d)  # (blocks, kv heads, block size, head dim)
+    table, lens = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+    slots = torch.tensor([[0, 1, 2]])
     return {
         "layer_norm": lambda: ops.layer_norm(x, w, EPS),
         "add3_layer_norm": lambda: ops.add3_layer_norm(x, x, x, w, EPS),
         "qk_norm_rope": lambda: ops.qk_norm_rope(q, k, None, None, cs, cs, 0.0),
         "swiglu": lambda: ops.swiglu(x, x),
         "flash_attention": lambda: ops.flash_attention(q, k, k, None, 1.0, False),
+        "paged_kv_write": lambda: ops.paged_kv_write(pool, pool.clone(), q, q, slots),
+        "paged_gather": lambda: ops.paged_gather(pool, table, lens, 8),
+        "paged_attention": lambda: ops.paged_attention(q[:, :, :1], pool, pool, table, lens, None, 1.0),
+        "linear_cross_entropy": lambda: ops.linear_cross_entropy(x, torch.randn(5, 8, dtype=d), torch.tensor([0, 1, 2]),
+                                                                 1.0, -100, "mean", True, True),
     }
 
 

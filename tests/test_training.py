@@ -21,7 +21,8 @@ from cohere_compile.train import LORA_TARGETS, add_lora, compile_model, main, to
 from conftest import make_model, rel_err, tiny_config
 
 GRAD_TOL = 1e-4  # fp32
-ONE_LAYER = {"qk_norm_rope": 1, "attention": 1, "paged_attention": 0, "swiglu": 1, "layer_norm": 1}  # one layer
+ONE_LAYER = {"qk_norm_rope": 1, "attention": 1, "paged_attention": 0, "swiglu": 1, "layer_norm": 1,
+             "linear_cross_entropy": 0}  # one decoder layer
 NORM_ONLY = {n: int(n == "layer_norm") for n in PASS_NAMES}
 NOTHING = {n: 0 for n in PASS_NAMES}
 LORA_REGIONAL_GRAPHS = 4  # layer 0, layers 1.., final norm, head (see test_peft_lora_training_matches_eager)
@@ -95,7 +96,7 @@ def test_regional_compiles_one_layer_graph_for_any_depth(layers, compiled_graphs
     model = base(layers)
     with torch.no_grad():
         ref = model(IDS, use_cache=False).logits
-    assert cc.optimize(model, passes=PASS_NAMES, regional=True) is model
+    assert cc.optimize(model, passes=PASS_NAMES, regional=True, training_rewrites=True) is model
     with torch.no_grad(), recording() as rewrites, no_caches():
         out = model(IDS, use_cache=False).logits
         again = model(IDS, use_cache=False).logits  # no recompilation on the second call
@@ -150,7 +151,8 @@ def test_peft_lora_forward_rewrites_every_layer_with_dropout(compiled_graphs):
         ref.eval()  # the dropout was live: without it the logits differ
         assert rel_err(ref(input_ids=IDS, use_cache=False).logits, expected) > 1e-3
     assert len(compiled_graphs) == 1 and len(rewrites) == 1
-    assert rewrites[0] == {"qk_norm_rope": 2, "attention": 2, "paged_attention": 0, "swiglu": 2, "layer_norm": 3}
+    assert rewrites[0] == {"qk_norm_rope": 2, "attention": 2, "paged_attention": 0, "swiglu": 2, "layer_norm": 3,
+                           "linear_cross_entropy": 0}
 
 
 def test_lora_dropout_training_matches_eager_with_same_rng(compiled_graphs):
