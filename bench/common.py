@@ -88,3 +88,42 @@ def write_json(name: str, payload: dict) -> Path:
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / name).write_text(text)
     return path
+
+
+def copy_bandwidth_gbs(device, nbytes=2 << 30) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * nbytes / statistics.median(times) / 1e9  # read + write
+
+
+def cuda_graph_time_s(fn, calls: int = 20) -> float:
+    """Median seconds per call of ``fn`` captured ``calls`` times in one CUDA graph (no launch
+    overhead: how a kernel runs inside a graph-captured decode step)."""
+    for _ in range(3):
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)

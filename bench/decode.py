@@ -31,31 +31,12 @@ import time
 import torch
 
 import cohere_compile as cc
-from bench.common import SHAPES, build_model, environment, write_json
+from bench.common import SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_time_s, environment, write_json
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def copy_bandwidth_gbs(device, nbytes=2 << 30) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * nbytes / statistics.median(times) / 1e9  # read + write
 
 
 def make_prompts(lengths, vocab, seed=0):
@@ -153,22 +134,7 @@ def kernel_bandwidth(model, lengths, bandwidth_gbs, device):
     q = torch.randn(rows, cfg.num_attention_heads, 1, head_dim, dtype=torch.bfloat16, device=device)
     mask = (torch.arange(max_blocks * bs, device=device)[None] < lens[:, None])[:, None, None]
     fn = lambda: torch.ops.cohere.paged_attention(q, k_pool, v_pool, table, lens, mask, head_dim ** -0.5)  # noqa: E731
-    for _ in range(3):
-        fn()
-    # timed as a CUDA graph of 20 calls, as it runs inside the decode step (no launch overhead)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(20):
-            fn()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / 20)
-    t = statistics.median(times)
+    t = cuda_graph_time_s(fn)  # as it runs inside the decode step: no launch overhead
     kv_bytes = sum(lengths) * 2 * cfg.num_key_value_heads * head_dim * 2
     return {"median_us": t * 1e6, "kv_bytes": kv_bytes, "gbs": kv_bytes / t / 1e9,
             "fraction_of_copy": kv_bytes / t / 1e9 / bandwidth_gbs}

@@ -9,12 +9,10 @@ measured device copy bandwidth.
 """
 
 import itertools
-import statistics
 
 import torch
 
-from bench.common import environment, write_json
-from bench.decode import copy_bandwidth_gbs
+from bench.common import copy_bandwidth_gbs, cuda_graph_time_s, environment, write_json
 from cohere_compile.kernels import empty_heads_like
 from cohere_compile.kernels.paged import paged_decode_attention
 
@@ -37,24 +35,6 @@ def setup(lengths, bs=256, hkv=8, h=32, d=128):
     return (q, k_pool, v_pool, table.cuda(), lens, mask, d ** -0.5), kv_bytes
 
 
-def time_graph(fn, calls=20):
-    for _ in range(3):
-        fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / calls)
-    return statistics.median(times)
-
-
 def main():
     bandwidth = copy_bandwidth_gbs(torch.device("cuda"))
     workloads = {"b1": [640], "ragged32": [round(100 + i * 1900 / 31) + 64 for i in range(32)]}
@@ -64,7 +44,7 @@ def main():
         out = empty_heads_like(args[0])
         for block_n, warps, stages, target in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (1024, 4096)):
             try:
-                t = time_graph(lambda: paged_decode_attention(*args, out, block_n=block_n, num_warps=warps,
+                t = cuda_graph_time_s(lambda: paged_decode_attention(*args, out, block_n=block_n, num_warps=warps,
                                                               num_stages=stages, target_programs=target))
             except Exception as e:  # a config that does not compile (e.g. registers) is skipped
                 print(name, block_n, warps, stages, target, "failed:", type(e).__name__)
