@@ -106,6 +106,13 @@ def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: 
     hf_model = base_model(model)
     if not compiled:
         return hf_model.forward, hf_model.forward
+    if options_of(model).regional:
+        # regional compile hides the decoder stack from Dynamo (compiled layer by layer),
+        # so the whole-step graph that CUDA graphs and paged_attention need cannot be built
+        raise ValueError(
+            "cc.generate: this model was optimized with regional=True (a training mode); decoding needs the "
+            "whole-model step. Use cc.optimize(model) without regional=True for inference, or pass compiled=False."
+        )
     on_cuda = cache.device.type == "cuda"
     passes = tuple(dict.fromkeys(options_of(model).passes + ("paged_attention",)))
     cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs

@@ -207,6 +207,10 @@ def test_generate_rejects_bad_requests_before_running():
         cc.generate(model, torch.ones(2, 3, dtype=torch.long), 4)
     with pytest.raises(cc.UnsupportedModelError):
         cc.generate(torch.nn.Linear(2, 2), [[1]], 4)
+    regional = cc.optimize(_model(False, 2), regional=True)
+    with pytest.raises(ValueError, match="regional=True"):
+        cc.generate(regional, [[5, 6]], 2)
+    assert cc.generate(regional, [[5, 6]], 2, compiled=False, stop_tokens=()) == [_hf_greedy(regional, torch.tensor([5, 6]), 2)]
 
 
 @pytest.mark.parametrize("use_qk_norm,kv_heads,attn", [(True, 2, "sdpa"), (False, 4, "eager")])
