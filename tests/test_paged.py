@@ -233,3 +233,11 @@ def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn):
     assert rep.matches["paged_attention"] == model.config.num_hidden_layers
     assert rep.expected["paged_attention"] == model.config.num_hidden_layers
     assert rep.graph_breaks == 0 and "paged_attention" not in rep.missing
+
+
+def test_generate_on_int4_model_matches_its_eager_path():
+    """Issue 5's int4 decode runs through the same paged cache and compiled step."""
+    model = cc.optimize(_model(True, 2), quantize="int4", group_size=32)
+    prompts = _prompts([5, 7])
+    eager = cc.generate(model, prompts, 4, stop_tokens=(), block_size=4, compiled=False)
+    assert cc.generate(model, prompts, 4, stop_tokens=(), block_size=4) == eager
