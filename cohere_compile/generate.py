@@ -25,6 +25,7 @@ from transformers.generation.logits_process import (
 from .api import base_model, check_model, options_of
 from .backend import make_backend
 from .cache import PagedKVCache
+from .cache.paged_cache import pinned
 
 TokenCallback = Callable[[int, int], None]  # (prompt index, new token id)
 
@@ -78,12 +79,6 @@ class _Sampler:
             return logits.argmax(-1)
         probs = torch.softmax(self.warpers(None, logits.float()), dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-
-
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """Host ints to the device without a stream sync (pinned staging on CUDA)."""
-    t = torch.tensor(values, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -170,13 +165,14 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     config = base_model(model).config
-    device = next(model.parameters()).device
+    first_param = next(model.parameters())
+    device, dtype = first_param.device, first_param.dtype
     longest = max(len(p) for p in prompts) + max_new_tokens
     if cache is None:
         rows = min(len(prompts), max_batch_size or 32)
         blocks_per_seq = -(-longest // block_size)
         cache = PagedKVCache(config, rows, rows * blocks_per_seq * block_size, block_size=block_size,
-                             dtype=next(model.parameters()).dtype, device=device,
+                             dtype=dtype, device=device,
                              max_seq_len=blocks_per_seq * block_size)
     limit = getattr(config, "max_position_embeddings", None)
     for i, p in enumerate(prompts):
@@ -202,7 +198,6 @@ def generate(
     free_rows = list(range(cache.rows - 1, -1, -1))
     last_ids = torch.zeros(cache.rows, 1, dtype=torch.long, device=device)  # each row's newest token
     positions = torch.arange(cache.max_seq_len, device=device)
-    dtype = next(model.parameters()).dtype
     timing = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefills": 0}
 
     def emit(i: int, token: int) -> bool:
@@ -254,7 +249,7 @@ def generate(
             pos[row] = cache.seq_lens[row]
         cache.prepare(sorted(active.values()), 1, decode_all_rows=True)
         visible = (positions[None, :] < cache.step_lens[:, None].long())[:, None, None, :]
-        out = decode(input_ids=last_ids, position_ids=_to_device(pos, device)[:, None],
+        out = decode(input_ids=last_ids, position_ids=pinned(torch.tensor(pos), device).to(device, non_blocking=True)[:, None],
                      attention_mask=_additive(visible, dtype), past_key_values=cache, use_cache=True,
                      logits_to_keep=1)
         tokens = sampler(out.logits[:, -1])

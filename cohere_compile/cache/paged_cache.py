@@ -36,6 +36,12 @@ class SequenceTooLongError(ValueError):
     """A sequence would grow past the cache's per-sequence limit (``max_seq_len``)."""
 
 
+def pinned(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``src`` in page-locked memory when it goes to a GPU, so a ``non_blocking`` copy does not
+    sync the stream: the host can queue the next decode step while the GPU runs this one."""
+    return src.pin_memory() if device.type == "cuda" else src
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -207,18 +213,18 @@ class PagedKVCache(Cache):
             lens = [0] * self.rows
             for row in rows:
                 pos = self.seq_lens[row]
-                slots[row] = self.row_blocks[row][pos // self.block_size] * self.block_size + pos % self.block_size
+                slots[row] = self._slot(row, pos)
                 lens[row] = pos + 1
-            self._upload(self._decode_slots, torch.tensor(slots, dtype=torch.int64).view(-1, 1))
-            self._upload(self._decode_lens, torch.tensor(lens, dtype=torch.int32))
+            self._decode_slots.copy_(pinned(torch.tensor(slots, dtype=torch.int64).view(-1, 1), self.device),
+                                     non_blocking=True)
+            self._decode_lens.copy_(pinned(torch.tensor(lens, dtype=torch.int32), self.device), non_blocking=True)
             self.step_slots, self.step_lens, self.step_table = self._decode_slots, self._decode_lens, self.block_table
             self.step_view_len = self.max_seq_len
         else:
             slots = []
             for row in rows:
                 pos = range(self.seq_lens[row], self.seq_lens[row] + n_tokens)
-                slots.append([self.row_blocks[row][p // self.block_size] * self.block_size + p % self.block_size
-                              for p in pos])
+                slots.append([self._slot(row, p) for p in pos])
             lens = [self.seq_lens[r] + n_tokens for r in rows]
             self.step_slots = torch.tensor(slots, dtype=torch.int64, device=self.device)
             self.step_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
@@ -228,12 +234,9 @@ class PagedKVCache(Cache):
         for row in rows:
             self.seq_lens[row] += n_tokens
 
-    def _upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Host -> device without a stream sync (pinned staging), so the host can queue the
-        next decode step while the GPU runs the current one."""
-        if dst.device.type == "cuda":
-            src = src.pin_memory()
-        dst.copy_(src, non_blocking=True)
+    def _slot(self, row: int, pos: int) -> int:
+        """Flat pool slot (block * block_size + offset) of position ``pos`` of ``row``."""
+        return self.row_blocks[row][pos // self.block_size] * self.block_size + pos % self.block_size
 
     @torch.compiler.disable
     def _prepare_hf_forward(self, batch: int, n_tokens: int) -> None:
