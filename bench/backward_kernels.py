@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cohere_compile  # noqa: E402, F401  (registers torch.ops.cohere)
-from common import write_json  # noqa: E402
+from common import call_times_ms, write_json  # noqa: E402
 
 ops = torch.ops.cohere
 EPS = 1e-5
@@ -29,23 +28,11 @@ EPS = 1e-5
 def timed(fn, device: str, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fn()
-    times = []
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+    times = call_times_ms(fn, device, repeats)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
     return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_extra_mib": peak, "n": repeats}
 

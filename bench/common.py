@@ -23,40 +23,60 @@ SHAPES = {
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build_model(shape: str, layers: int | None, dtype=torch.bfloat16, attn="sdpa"):
+def build_model(shape, layers: int | None, dtype=torch.bfloat16, attn="sdpa", device="cuda", **config):
+    """A random-weight CohereForCausalLM in eval mode. ``shape``: a SHAPES name or a dict of
+    CohereConfig fields; ``config`` overrides the benchmark defaults (token ids, max positions)."""
     from transformers import CohereConfig, CohereForCausalLM
 
-    kw = dict(SHAPES[shape])
+    kw = dict(SHAPES[shape] if isinstance(shape, str) else shape)
     if layers:
         kw["num_hidden_layers"] = layers
-    cfg = CohereConfig(**kw, max_position_embeddings=8192, pad_token_id=0, bos_token_id=5, eos_token_id=255001,
-                       attn_implementation=attn)
+    kw = {"max_position_embeddings": 8192, "pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 255001,
+          "attn_implementation": attn, **kw, **config}
+    cfg = CohereConfig(**kw)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = CohereForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(prev)
-    for name, p in model.named_parameters():  # non-trivial norms, like a trained model
-        if "norm" in name:
-            torch.nn.init.normal_(p, 1.0, 0.1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # non-trivial norms, like a trained model
+            if "norm" in name:
+                torch.nn.init.normal_(p, 1.0, 0.1)
     return model
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def call_times_ms(fn, device, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls: CUDA events on the GPU, wall clock on CPU."""
+    times = []
+    for _ in range(repeats):
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
 
 
 def cuda_time_ms(fn, warmup: int = 3, repeats: int = 15) -> dict:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = call_times_ms(fn, "cuda", repeats)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": repeats}
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import write_json  # noqa: E402
+from bench.common import call_times_ms, sync, write_json  # noqa: E402
 
 import cohere_compile as cc  # noqa: E402
 
@@ -43,29 +43,11 @@ def make_inputs(tokens, hidden, vocab, dtype, device, weight_grad, seed=0):
     return h, w, y
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ms(fn, device, warmup, repeats):
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return statistics.median(call_times_ms(fn, device, repeats))
 
 
 def peak_mb(fn, device):

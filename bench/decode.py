@@ -31,12 +31,8 @@ import time
 import torch
 
 import cohere_compile as cc
-from bench.common import SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_time_s, environment, write_json
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_time_s, environment, sync,
+                          write_json)
 
 
 def make_prompts(lengths, vocab, seed=0):

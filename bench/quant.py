@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import SHAPES, write_json  # noqa: E402
+from bench.common import SHAPES, build_model, write_json  # noqa: E402
 
 HBM_BYTES_PER_S = 4.09e12  # H200 device copy, measured (DESIGN.md)
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -37,26 +37,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def build(args) -> torch.nn.Module:
-    from transformers import CohereConfig, CohereForCausalLM
-
-    kw = dict(TINY if args.tiny else SHAPES[args.shape])
-    if args.layers:
-        kw["num_hidden_layers"] = args.layers
-    cfg = CohereConfig(**kw, max_position_embeddings=8192, pad_token_id=0, bos_token_id=5,
-                       eos_token_id=min(255001, kw["vocab_size"] - 1), attn_implementation="sdpa")
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(args.device):
-            model = CohereForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # non-trivial norms, like a trained model
-            if "norm" in name:
-                torch.nn.init.normal_(p, 1.0, 0.1)
-    return model
+    shape = TINY if args.tiny else args.shape
+    vocab = (TINY if args.tiny else SHAPES[args.shape])["vocab_size"]
+    return build_model(shape, args.layers, device=args.device, eos_token_id=min(255001, vocab - 1))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

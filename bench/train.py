@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import SHAPES, environment, write_json  # noqa: E402
+from bench.common import SHAPES, build_model, environment, write_json  # noqa: E402
 from cohere_compile.train import LORA_TARGETS, add_lora, compile_model, token_batches, train  # noqa: E402
 
 PEAK_TFLOPS = 750.0
@@ -50,26 +50,7 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 
 
 def build(shape: dict, layers: int | None, device: str, dtype: torch.dtype):
-    from transformers import CohereConfig, CohereForCausalLM
-
-    kw = dict(shape)
-    if layers:
-        kw["num_hidden_layers"] = layers
-    cfg = CohereConfig(**kw, max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                       attn_implementation="sdpa", use_cache=False)
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = CohereForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # non-trivial norms, like a trained model
-            if "norm" in name:
-                torch.nn.init.normal_(p, 1.0, 0.1)
-    return model
+    return build_model(shape, layers, dtype=dtype, device=device, bos_token_id=1, eos_token_id=2, use_cache=False)
 
 
 def flop_floor(cfg, seq: int, r: int, checkpointing: bool) -> dict:
