@@ -424,3 +424,31 @@ def test_training_patterns_survive_a_first_build_under_inference_mode():
     with torch.inference_mode():
         under_inference = n_entries(swiglu.build()[0])
     assert normal == under_inference == 4  # {fwd_only, joint_fwd_bwd} x {fp32, bf16} traces
+
+
+def test_plain_torch_backward_path(monkeypatch):
+    """CPU without TRITON_INTERPRET: the backward ops take the autograd-based references, which
+    must record autograd inside the custom op (the dispatcher excludes autograd there)."""
+    from cohere_compile.ops import attention, norm, reference, rope
+
+    for module in (attention, norm, rope):
+        monkeypatch.setattr(module, "use_triton", lambda t: False)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 8, generator=g), torch.randn(8, generator=g)
+    q, k = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    cs = torch.randn(1, 5, 8, generator=g)
+    qw, kw = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    cases = [
+        (lambda x, w: torch.ops.cohere.layer_norm(x, w, EPS), lambda x, w: reference.layer_norm(x, w, EPS), (x, w)),
+        (lambda q, k, qw, kw: sum(o.sum() for o in torch.ops.cohere.qk_norm_rope(q, k, qw, kw, cs, cs, EPS)),
+         lambda q, k, qw, kw: sum(o.sum() for o in reference.qk_norm_rope(q, k, qw, kw, cs, cs, EPS)), (q, k, qw, kw)),
+        (lambda q, k: torch.ops.cohere.flash_attention(q, k, k, None, 0.3, True),
+         lambda q, k: reference.flash_attention(q, k, k, None, 0.3, True), (q, k)),
+    ]
+    for op, ref, inputs in cases:
+        ours = [t.clone().requires_grad_() for t in inputs]
+        want = [t.clone().requires_grad_() for t in inputs]
+        op(*ours).sum().backward()
+        ref(*want).sum().backward()
+        for a, b in zip(ours, want):
+            assert rel_err(a.grad, b.grad) < 1e-5

@@ -1,5 +1,7 @@
 """Which implementation an op runs, and the clear errors for inputs we do not serve."""
 
+import contextlib
+
 import torch
 
 from ..kernels import interpreting
@@ -38,3 +40,23 @@ def eps_value(eps) -> float:
     """Norm epsilons arrive as a Python float, or (``dynamic=True`` turns module float
     attributes into graph inputs) as a 0-d CPU tensor: the ``*_tensor_eps`` op twins."""
     return float(eps.item()) if isinstance(eps, torch.Tensor) else float(eps)
+
+
+# The dispatcher runs a custom op's implementation with autograd's dispatch keys excluded,
+# so ``torch.enable_grad()`` alone records nothing there.
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther)
+
+
+@contextlib.contextmanager
+def autograd_inside_op():
+    """Record autograd inside a custom op's implementation: the plain-torch backward
+    references differentiate their forward definitions with ``torch.autograd.grad``."""
+    was = [torch._C._dispatch_tls_is_dispatch_key_excluded(k) for k in _AUTOGRAD_KEYS]
+    for key in _AUTOGRAD_KEYS:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for key, excluded in zip(_AUTOGRAD_KEYS, was):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, excluded)

@@ -7,6 +7,8 @@ references the kernel tests compare against.
 
 import torch
 
+from ._dispatch import autograd_inside_op
+
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
@@ -17,7 +19,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
 
 def layer_norm_backward(grad_out, x, weight, eps, grad_h=None):
     """fp32 autograd through ``layer_norm``; ``grad_h`` (add3's residual-sum grad) is added to dx."""
-    with torch.enable_grad():
+    with autograd_inside_op():
         xf = x.detach().float().requires_grad_()
         wf = weight.detach().float().requires_grad_()
         mean = xf.mean(-1, keepdim=True)
@@ -56,7 +58,7 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
 
 def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
     """Autograd through ``qk_norm_rope`` (the definition above, same rounding points)."""
-    with torch.enable_grad():
+    with autograd_inside_op():
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, k, q_weight, k_weight)]
         q_out, k_out = qk_norm_rope(*leaves, cos, sin, eps)
         wanted = [t for t in leaves if t is not None]
@@ -171,7 +173,7 @@ def flash_attention_lse(q, k, v, mask, scale: float, is_causal: bool):
 
 def flash_attention_backward(grad_out, q, k, v, mask, scale: float, is_causal: bool):
     """fp32 autograd through ``flash_attention``'s definition; grads in the inputs' dtypes."""
-    with torch.enable_grad():
+    with autograd_inside_op():
         leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
         out = flash_attention(*leaves, mask, scale, is_causal)
         grads = torch.autograd.grad(out, leaves, grad_out.float())
