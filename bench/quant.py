@@ -42,6 +42,20 @@ def build(args) -> torch.nn.Module:
     return build_model(shape, args.layers, device=args.device, eos_token_id=min(255001, vocab - 1))
 
 
+def isolated(args, label: str, run) -> dict:
+    """One variant's results, or its error: a failing variant must not lose the others'
+    numbers. Its model is freed (and compiled code dropped) before the next one is built."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001
+        print(f"{label} FAILED: {type(e).__name__}: {e}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        torch._dynamo.reset()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor really occupies (the inner tensors of a torchao subclass)."""
     if type(t) in (torch.Tensor, torch.nn.Parameter):
@@ -151,19 +165,15 @@ def bench_decode(args) -> dict:
 
     results = {}
     for variant in DECODE_VARIANTS if args.cohere else DECODE_VARIANTS[:2]:
-        try:  # one failing variant must not lose the others' numbers
+        def run(variant=variant):
             model = build(args)
             if variant.startswith("int4"):
                 quantize_model(model, "int4", group_size=args.group_size)
-            results[variant] = decode(model, args, cohere=variant.endswith("_cohere"))
-            print(f"decode {variant}: {results[variant]['tokens_per_s']:.1f} tok/s", flush=True)
-        except Exception as e:  # noqa: BLE001
-            results[variant] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"decode {variant} FAILED: {results[variant]['error']}", flush=True)
-        model = None
-        torch._dynamo.reset()
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+            r = decode(model, args, cohere=variant.endswith("_cohere"))
+            print(f"decode {variant}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+            return r
+
+        results[variant] = isolated(args, f"decode {variant}", run)
     if all("tokens_per_s" in results[v] for v in ("bf16", "int4")):
         results["int4_vs_bf16"] = results["int4"]["tokens_per_s"] / results["bf16"]["tokens_per_s"]
     return results
@@ -206,19 +216,15 @@ def bench_train(args) -> dict:
 
     results = {}
     for variant in ("bf16_lora", "qlora_nf4"):
-        try:
+        def run(variant=variant):
             model = build(args)
             if variant == "qlora_nf4":
                 quantize_model(model, "nf4")
-            results[variant] = r = train(model, args)
+            r = train(model, args)
             print(f"train {variant}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gb']} GB", flush=True)
-        except Exception as e:  # noqa: BLE001
-            results[variant] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"train {variant} FAILED: {results[variant]['error']}", flush=True)
-        model = None
-        torch._dynamo.reset()
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+            return r
+
+        results[variant] = isolated(args, f"train {variant}", run)
     if all("tokens_per_s" in results[v] for v in ("bf16_lora", "qlora_nf4")):
         results["qlora_vs_lora_speed"] = results["qlora_nf4"]["tokens_per_s"] / results["bf16_lora"]["tokens_per_s"]
     return results
