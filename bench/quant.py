@@ -190,11 +190,12 @@ def decode_generate(model, args) -> dict:
     }
 
 
-def bench_decode(args) -> dict:
+def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
     from cohere_compile.quant import quantize_model
 
-    results = {}
-    for variant in DECODE_VARIANTS if args.cohere else DECODE_VARIANTS[:2] + DECODE_VARIANTS[3:]:
+    results = {} if results is None else results
+    variants = args.variants.split(",") if args.variants else [v for v in DECODE_VARIANTS if args.cohere or v != "int4_cohere"]
+    for variant in variants:
         def run(variant=variant):
             model = build(args)
             if variant.endswith("_generate"):
@@ -211,7 +212,8 @@ def bench_decode(args) -> dict:
             return r
 
         results[variant] = isolated(args, f"decode {variant}", run)
-    if all("tokens_per_s" in results[v] for v in ("bf16", "int4")):
+        save()  # a run cut short by a time limit keeps the variants done so far
+    if all("tokens_per_s" in results.get(v, {}) for v in ("bf16", "int4")):
         results["int4_vs_bf16"] = results["int4"]["tokens_per_s"] / results["bf16"]["tokens_per_s"]
     if all("tokens_per_s" in results.get(v, {}) for v in ("bf16_generate", "int4_generate")):
         results["int4_vs_bf16_generate"] = (results["int4_generate"]["tokens_per_s"]
@@ -322,6 +324,7 @@ def main(argv=None):
     ap.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--cohere", action=argparse.BooleanOptionalAction, default=True,
                     help="also decode int4 through our backend (default passes) with CUDA graphs")
+    ap.add_argument("--variants", default=None, help=f"comma-separated decode variants (default: all of {DECODE_VARIANTS})")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", default=None, help="JSON name in bench/results/")
@@ -332,12 +335,13 @@ def main(argv=None):
         from bench.common import environment
 
         res["environment"] = environment()
+    name = args.out or f"quant_{'tiny' if args.tiny else args.shape}_L{args.layers or 'all'}_{args.device.split(':')[0]}.json"
     if not args.skip_decode:
-        res["decode"] = bench_decode(args)
+        res["decode"] = {}
+        bench_decode(args, res["decode"], save=lambda: write_json(name, res))
     if not args.skip_train:
         res["train"] = bench_train(args)
     print(table(res))
-    name = args.out or f"quant_{'tiny' if args.tiny else args.shape}_L{args.layers or 'all'}_{args.device.split(':')[0]}.json"
     print("wrote", write_json(name, res))
     return res
 

@@ -42,6 +42,7 @@ PEERS = {
     "eager": "HF eager (sdpa)",
     "torch_compile": "HF + torch.compile",
     "cc": "cc.optimize (regional)",
+    "cc_rewrites": "cc.optimize (regional, training_rewrites=True)",
     "cc_whole": "cc.optimize (whole model)",
 }
 DEFAULT_LAYERS = {"command-r-plus": 8}  # 64 layers (104B parameters) do not fit one GPU
@@ -86,8 +87,9 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
     # For every peer: layer 0's input then needs a gradient like the others, so regional
     # compiles one layer graph, not two (costs layer 0's input gradient, ~1/(2L) of the backward).
     model.enable_input_require_grads()
-    how = {"eager": "none", "torch_compile": "torch", "cc": "cc", "cc_whole": "cc"}[peer]
-    model = compile_model(model, how, regional=(peer == "cc"), passes=args.passes)
+    how = {"eager": "none", "torch_compile": "torch", "cc": "cc", "cc_rewrites": "cc", "cc_whole": "cc"}[peer]
+    model = compile_model(model, how, regional=peer in ("cc", "cc_rewrites"), passes=args.passes,
+                          training_rewrites=peer == "cc_rewrites")
     batches = [b.to(device) for b in token_batches(model.config.vocab_size, args.batch, args.seq, n_batches=4, seed=2)]
     torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()

@@ -34,12 +34,12 @@ def add_lora(model, r: int = 16, alpha: int | None = None, dropout: float = 0.0,
     return get_peft_model(model, config)
 
 
-def compile_model(model, how: str, regional: bool = True, passes=None):
+def compile_model(model, how: str, regional: bool = True, passes=None, training_rewrites: bool = False):
     """``cc`` = cc.optimize (regional by default), ``torch`` = torch.compile, ``none`` = eager."""
     if how == "cc":
         import cohere_compile as cc
 
-        return cc.optimize(model, passes=passes, regional=regional)
+        return cc.optimize(model, passes=passes, regional=regional, training_rewrites=training_rewrites)
     if how == "torch":
         model.compile()
         return model

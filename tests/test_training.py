@@ -249,19 +249,23 @@ def test_token_file_windows(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_regional_lora_training_on_cuda_bf16(checkpointing, compiled_graphs):
-    """bf16 on the GPU, regional: loss and LoRA gradients against eager within bf16 tolerance."""
-    def build():
-        m = lora(make_model(tiny_config(True, 2, layers=3), torch.bfloat16).cuda())
+    """bf16 on the GPU, regional: loss and LoRA gradients against an fp32 eager model with the
+    same weights, no further from it than eager bf16 is (bf16 rounding alone moved a LoRA A
+    gradient 3.9% between eager and compiled bf16 on the H200, so bf16-vs-bf16 cannot be the bar)."""
+    def build(dtype):
+        m = lora(make_model(tiny_config(True, 2, layers=3), torch.float32).to("cuda", dtype))
         if checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return m
 
-    ref, model = build(), cc.optimize(build(), regional=True)
+    truth, ref, model = build(torch.float32), build(torch.bfloat16), cc.optimize(build(torch.bfloat16), regional=True)
     ids = IDS.cuda()
+    true_loss, true_grads = step(truth, ids)
     ref_loss, ref_grads = step(ref, ids)
     loss, grads = step(model, ids)
-    assert rel_err(loss, ref_loss) < 1e-2
+    assert rel_err(loss.float(), true_loss) < 2 * rel_err(ref_loss.float(), true_loss) + 1e-3
     assert set(grads) == set(ref_grads) and len(grads) == 2 * len(LORA_TARGETS) * 3
     for name in grads:
-        assert rel_err(grads[name], ref_grads[name]) < 3e-2, name
+        ours, eager = rel_err(grads[name].float(), true_grads[name]), rel_err(ref_grads[name].float(), true_grads[name])
+        assert ours < 2 * eager + 1e-2, f"{name}: {ours:.3g} vs eager bf16 {eager:.3g}"
     assert len(compiled_graphs) == (3 if checkpointing else LORA_REGIONAL_GRAPHS), compiled_graphs

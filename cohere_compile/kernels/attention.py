@@ -148,9 +148,11 @@ def flash_attention_kernel(
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _blocks(q_len: int, head_dim: int, device: torch.device):
+def _blocks(q_len: int, head_dim: int, dtype: torch.dtype, device: torch.device):
     if device.type != "cuda":  # the interpreter: small tiles keep tests fast
         return 16, 16, 4, 1
+    if dtype.itemsize > 2:  # fp32 tiles at 128 x 64, 3 stages, need 246-295 KB of shared memory (H200: 227 KB)
+        return (64 if q_len > 16 else 16), 32, 4, 2
     block_m = 128 if q_len > 64 else 64 if q_len > 16 else 16
     block_n = 64 if head_dim <= 128 else 32
     return block_m, block_n, 8 if block_m == 128 else 4, 3
@@ -177,7 +179,7 @@ def flash_attention(q, k, v, mask, scale: float, is_causal: bool, return_lse: bo
     lse = torch.empty((bsz, n_heads, q_len), dtype=torch.float32, device=q.device) if return_lse else q
     if out.numel() == 0:
         return (out, lse) if return_lse else out
-    block_m, block_n, warps, stages = _blocks(q_len, head_dim, q.device)
+    block_m, block_n, warps, stages = _blocks(q_len, head_dim, q.dtype, q.device)
     grid = (triton.cdiv(q_len, block_m), bsz * n_heads)
     ranges, n_mask_heads, mask_floor = q, 1, 0.0
     if mask is not None:

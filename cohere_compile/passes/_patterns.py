@@ -39,8 +39,13 @@ _JOINT_SHAPE_OPS = (aten.full.default, aten.new_zeros.default, aten.zeros.defaul
 _JOINT_SIZE_SCALAR_OPS = (aten.div.Scalar,)
 
 # An fp32 trace has no casts; a bf16 trace has them. Cast targets are not part of
-# the pattern, so the bf16 trace also matches fp16 graphs.
+# a forward pattern, so the bf16 trace also matches fp16 graphs.
 TRACE_DTYPES = (torch.float32, torch.bfloat16)
+# Training (joint) patterns keep their cast targets: with dtype wildcards, the swiglu
+# backward pattern matched a peft LoRA graph on the H200 whose fp32 cast (the adapter
+# input) it took for the bf16 one of the trace, and the rewritten graph fed a bf16
+# operand to an fp32 matmul. So each low-precision dtype gets its own joint trace.
+JOINT_TRACE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # A value no model uses: the traced literal becomes a pattern argument (Inductor's
 # scalar_workaround), so eps / scale are read from the matched graph, not assumed.
@@ -77,7 +82,7 @@ def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict,
         argnames += [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.target.startswith("tangents")]
     return fx_to_pattern(
         gm,
-        ignore_types=(float, torch.device, torch.dtype),
+        ignore_types=(float, torch.device) if joint else (float, torch.device, torch.dtype),
         argnames=argnames,
         scalar_workaround=scalars,
     )
@@ -115,7 +120,8 @@ def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check
     patterns._cohere_seen = seen
     argnames = list(inspect.signature(search_fn).parameters)
     traces = [(fwd_only, ())] * inference + [(joint_fwd_bwd, tuple(names)) for names in grad_variants]
-    for (trace_fn, grad_names), dtype in ((t, d) for t in traces for d in TRACE_DTYPES):
+    dtypes = {fwd_only: TRACE_DTYPES, joint_fwd_bwd: JOINT_TRACE_DTYPES}
+    for (trace_fn, grad_names), dtype in ((t, d) for t in traces for d in dtypes[t[0]]):
         examples = list(make_inputs(dtype))
         variants = examples if isinstance(examples[0], (list, tuple)) else [examples]
         for inputs in variants:
