@@ -118,6 +118,10 @@ def _setup_context(ctx, inputs, output):
     _, _, _, _, _, _, grad_h_computed, grad_w_computed = inputs
     ctx.computed = (grad_h_computed, grad_w_computed)
     ctx.save_for_backward(output[1], output[2])
+    # the gradient outputs are values, not functions of the inputs: no gradient flows into
+    # them, and autograd must not build [vocab, hidden] zeros standing in for one
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_h, _grad_w):
@@ -128,8 +132,10 @@ def _backward(ctx, grad_loss, _grad_h, _grad_w):
                 f"cohere::linear_cross_entropy: a gradient for {what} is needed but compute_grad_{what}=False "
                 f"was passed; call it with compute_grad_{what}=True (linear_cross_entropy() does this)"
             )
-    grad_h = g_h * grad_loss.to(g_h.dtype) if ctx.needs_input_grad[0] else None
-    grad_w = g_w * grad_loss.to(g_w.dtype) if ctx.needs_input_grad[1] else None
+    # scaled in place: a trained head's [vocab, hidden] gradient is not copied (a second
+    # backward through the same graph then fails autograd's saved-tensor version check)
+    grad_h = g_h.mul_(grad_loss.to(g_h.dtype)) if ctx.needs_input_grad[0] else None
+    grad_w = g_w.mul_(grad_loss.to(g_w.dtype)) if ctx.needs_input_grad[1] else None
     return grad_h, grad_w, None, None, None, None, None, None
 
 
