@@ -198,3 +198,23 @@ def test_unsizable_request_raises():
     hook = hf_default.PagedDefaultCache(make_model(_config()))
     with pytest.raises(ValueError, match="cannot be sized.*max_new_tokens"):
         hook.make_cache(transformers.GenerationConfig(), 1, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_optimized_generate_uses_paged_cache_on_cuda(built):
+    """On the GPU (Triton kernels, paged_attention on decode): a left-padded batch whose rows
+    cross a 64-token block; fp32 so greedy ties stay rare."""
+    cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True, logit_scale=1.0,
+                                    initializer_range=0.2, pad_token_id=0, eos_token_id=2)
+    ref, model = make_model(cfg).cuda(), make_model(cfg).cuda()
+    cc.optimize(model)
+    ids, mask = (t.cuda() for t in padded_inputs(3, 50, pad=20))
+    kw = dict(attention_mask=mask, max_new_tokens=30, **GREEDY)
+    want = ref.generate(ids, **kw)
+    got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    cache = got.past_key_values
+    assert cache is built[0] and (cache.rows, cache.max_seq_len, cache.device.type) == (3, 128, "cuda")
+    assert cache.seq_lens == [50 + 30 - 1] * 3
