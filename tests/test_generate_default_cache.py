@@ -57,7 +57,7 @@ def test_optimized_generate_uses_paged_cache_and_matches_eager(built):
     """Compiled: batch 1, then a left-padded batch of 2 (one compiled model, two calls)."""
     ref, model = make_model(_config()), cc.optimize(make_model(_config()))
     assert options_of(model).paged_cache is True
-    graphs_before = counters["stats"]["unique_graphs"]
+    graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     for batch in (1, 2):
         want = ref.generate(**_inputs(batch), max_new_tokens=8, **GREEDY)
         assert type(want.past_key_values) is DynamicCache
@@ -71,7 +71,10 @@ def test_optimized_generate_uses_paged_cache_and_matches_eager(built):
         assert (cache.rows, cache.block_size, cache.max_seq_len, cache.num_blocks) == (batch, 64, 64, batch)
         assert (cache.dtype, cache.device) == (torch.float32, torch.device("cpu"))
         assert cache.seq_lens == [PROMPT + 8 - 1] * batch  # every fed token went through it
-    assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled model ran, not eager HF
+    # the compiled model ran (not eager HF), with each forward planned before it ran: no graph
+    # break; one prefill and one decode graph per batch size
+    assert counters["stats"]["unique_graphs"] - graphs_before == 4
+    assert sum(counters["graph_break"].values()) == breaks_before
 
 
 @pytest.mark.parametrize("lengths,blocks", [
@@ -155,9 +158,12 @@ def test_beam_search_and_assisted_decoding_keep_hf_cache(built, eager):
 
 
 @pytest.mark.parametrize("order", ["optimize_then_peft", "peft_then_optimize"])
-def test_peft_model_generate_reaches_the_paged_cache(built, eager, order):
+def test_peft_model_generate_reaches_the_paged_cache(built, eager, order, monkeypatch):
     import peft
 
+    plans = []
+    plan = cc.PagedKVCache.plan_hf_step
+    monkeypatch.setattr(cc.PagedKVCache, "plan_hf_step", lambda self, b, n: (plans.append((b, n)), plan(self, b, n)))
     ref = make_model(_config())
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"])  # B = 0: same logits as ref
     if order == "optimize_then_peft":
@@ -168,6 +174,7 @@ def test_peft_model_generate_reaches_the_paged_cache(built, eager, order):
     assert hf_default.is_installed(model.get_base_model())
     got = model.generate(**_inputs(2), max_new_tokens=6, **GREEDY)
     assert got.past_key_values is built[0] and built[0].rows == 2
+    assert plans == [(2, PROMPT)] + [(2, 1)] * 5  # every forward planned outside the model (6th token never fed)
     assert torch.equal(got.sequences, ref.generate(**_inputs(2), max_new_tokens=6, **GREEDY).sequences)
 
 
@@ -192,6 +199,14 @@ def test_transformers_without_the_hook_fails_before_compiling():
     assert not hasattr(model, "_cohere_compile_options") and model._compiled_call_impl is None
     cc.optimize(model, paged_cache=False)
     assert options_of(model).paged_cache is False
+
+
+def test_a_planned_step_that_never_ran_is_an_error():
+    cache = cc.PagedKVCache(_config(), max_batch_size=1, max_tokens=16, block_size=4, device="cpu")
+    cache.plan_hf_step(1, 3)
+    assert cache.get_seq_length() == 0 and cache.seq_lens == [3]  # HF's query offset: before the step
+    with pytest.raises(RuntimeError, match="never ran"):
+        cache.plan_hf_step(1, 1)
 
 
 def test_unsizable_request_raises():

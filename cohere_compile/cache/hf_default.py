@@ -18,6 +18,10 @@ HF keeps its own default cache (nothing is swapped) when the caller passed
 indexed by block, not by row), assisted / prompt-lookup decoding and this model used as an
 assistant (HF crops rejected draft tokens from the cache), contrastive search and DoLa.
 Greedy search and sampling (``num_return_sequences`` included) get the paged cache.
+
+A second instance attribute wraps ``prepare_inputs_for_generation``, which HF calls right
+before every forward: it plans the forward's cache blocks there (``PagedKVCache.plan_hf_step``),
+so the compiled forward has no host logic and no graph break.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
 
+from . import paged_cache
 from .paged_cache import PagedKVCache, _cdiv
 
 logger = logging.getLogger(__name__)
 
 HOOKED = "_prepare_cache_for_generation"  # the GenerationMixin method HF generate calls to make its cache
+PLANNER = "prepare_inputs_for_generation"  # ... and the one it calls before every forward
 # the arguments we read, by name (their order may change between transformers releases)
 REQUIRED_ARGS = ("generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length")
 PAGED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
@@ -119,15 +125,37 @@ class PagedDefaultCache:
                             max_seq_len=blocks * BLOCK_SIZE)
 
 
+class PlanPagedSteps:
+    """The instance attribute that wraps HF's ``prepare_inputs_for_generation``: HF calls it
+    right before each forward of ``generate``, so a ``PagedKVCache`` can plan that forward's
+    blocks here, outside the compiled model, instead of in layer 0 (a graph break per step).
+    A forward this did not plan (a caller driving the model itself) is still planned by layer 0."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        inputs = type(self.model).prepare_inputs_for_generation(self.model, *args, **kwargs)
+        cache = inputs.get("past_key_values")
+        if isinstance(cache, paged_cache.PagedKVCache) and not cache.host_managed:
+            x = inputs.get("input_ids")
+            x = inputs.get("inputs_embeds") if x is None else x
+            cache.plan_hf_step(x.shape[0], x.shape[1])
+        return inputs
+
+
 def install(hf_model: torch.nn.Module) -> None:
     """Make the paged cache ``hf_model.generate``'s default (idempotent)."""
     hf_model.__dict__[HOOKED] = PagedDefaultCache(hf_model)
+    hf_model.__dict__[PLANNER] = PlanPagedSteps(hf_model)
 
 
 def uninstall(hf_model: torch.nn.Module) -> None:
     """Back to HF's default cache (a no-op if ``install`` was never called)."""
     if isinstance(hf_model.__dict__.get(HOOKED), PagedDefaultCache):
         del hf_model.__dict__[HOOKED]
+    if isinstance(hf_model.__dict__.get(PLANNER), PlanPagedSteps):
+        del hf_model.__dict__[PLANNER]
 
 
 def is_installed(hf_model: torch.nn.Module) -> bool:
