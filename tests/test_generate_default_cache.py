@@ -178,6 +178,25 @@ def test_peft_model_generate_reaches_the_paged_cache(built, eager, order, monkey
     assert torch.equal(got.sequences, ref.generate(**_inputs(2), max_new_tokens=6, **GREEDY).sequences)
 
 
+def test_install_wraps_an_existing_instance_attribute_and_restores_it(built, eager):
+    model = make_model(_config())
+    seen = []
+    mine = model.prepare_inputs_for_generation  # e.g. set by another library on this instance
+
+    def theirs(*args, **kwargs):
+        seen.append(1)
+        return mine(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = theirs
+    cc.optimize(model)
+    cc.optimize(model)  # idempotent: still one wrapper around theirs
+    assert model.prepare_inputs_for_generation.inner is theirs
+    assert isinstance(model.generate(**_inputs(1), max_new_tokens=3, **GREEDY).past_key_values, cc.PagedKVCache)
+    assert len(seen) == 3
+    cc.optimize(model, paged_cache=False)
+    assert model.prepare_inputs_for_generation is theirs and "_prepare_cache_for_generation" not in vars(model)
+
+
 def test_regional_keeps_hf_cache_and_refuses_paged(built, eager):
     model = cc.optimize(make_model(_config()), regional=True)
     assert options_of(model).paged_cache is False and not hf_default.is_installed(model)

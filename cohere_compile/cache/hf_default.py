@@ -71,12 +71,12 @@ class PagedDefaultCache:
     A plain object holding the model (not a closure), so ``copy.deepcopy`` and pickling of the
     model carry it along, pointing at the copy."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, inner=None):
+        self.model, self.inner = model, inner  # inner: an instance attribute we replaced, if any
         self.signature = hooked_signature(model)
 
     def __call__(self, *args, **kwargs):
-        original = getattr(type(self.model), HOOKED).__get__(self.model)
+        original = self.inner or getattr(type(self.model), HOOKED).__get__(self.model)
         arguments = self.signature.bind(self.model, *args, **kwargs).arguments
         config, model_kwargs = arguments["generation_config"], arguments["model_kwargs"]
         user_cache = model_kwargs.get("past_key_values") is not None
@@ -131,11 +131,12 @@ class PlanPagedSteps:
     blocks here, outside the compiled model, instead of in layer 0 (a graph break per step).
     A forward this did not plan (a caller driving the model itself) is still planned by layer 0."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, inner=None):
+        self.model, self.inner = model, inner  # inner: an instance attribute we replaced, if any
 
     def __call__(self, *args, **kwargs):
-        inputs = type(self.model).prepare_inputs_for_generation(self.model, *args, **kwargs)
+        original = self.inner or type(self.model).prepare_inputs_for_generation.__get__(self.model)
+        inputs = original(*args, **kwargs)
         cache = inputs.get("past_key_values")
         if isinstance(cache, paged_cache.PagedKVCache) and not cache.host_managed:
             x = inputs.get("input_ids")
@@ -144,18 +145,27 @@ class PlanPagedSteps:
         return inputs
 
 
+WRAPPERS = {HOOKED: PagedDefaultCache, PLANNER: PlanPagedSteps}
+
+
 def install(hf_model: torch.nn.Module) -> None:
-    """Make the paged cache ``hf_model.generate``'s default (idempotent)."""
-    hf_model.__dict__[HOOKED] = PagedDefaultCache(hf_model)
-    hf_model.__dict__[PLANNER] = PlanPagedSteps(hf_model)
+    """Make the paged cache ``hf_model.generate``'s default (idempotent). An instance attribute
+    already there (not ours) is wrapped, and put back by ``uninstall``."""
+    for name, wrapper in WRAPPERS.items():
+        current = hf_model.__dict__.get(name)
+        inner = current.inner if isinstance(current, wrapper) else current
+        hf_model.__dict__[name] = wrapper(hf_model, inner)
 
 
 def uninstall(hf_model: torch.nn.Module) -> None:
     """Back to HF's default cache (a no-op if ``install`` was never called)."""
-    if isinstance(hf_model.__dict__.get(HOOKED), PagedDefaultCache):
-        del hf_model.__dict__[HOOKED]
-    if isinstance(hf_model.__dict__.get(PLANNER), PlanPagedSteps):
-        del hf_model.__dict__[PLANNER]
+    for name, wrapper in WRAPPERS.items():
+        current = hf_model.__dict__.get(name)
+        if isinstance(current, wrapper):
+            if current.inner is None:
+                del hf_model.__dict__[name]
+            else:
+                hf_model.__dict__[name] = current.inner
 
 
 def is_installed(hf_model: torch.nn.Module) -> bool:
