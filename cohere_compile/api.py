@@ -103,7 +103,8 @@ def optimize(
     (greedy or sampling, no ``past_key_values`` / ``cache_implementation``, ``use_cache`` not
     False) decodes into a ``cc.PagedKVCache`` sized for that call (rows = batch x
     ``num_return_sequences``, per row HF's resolved max length rounded up to 64-token blocks,
-    the model's dtype and device) instead of HF's ``DynamicCache``. Beam search, assisted
+    the model's dtype and device) instead of HF's ``DynamicCache``, each step's blocks planned
+    before the compiled forward (no graph break). Beam search, assisted
     decoding, contrastive search and DoLa keep HF's cache (they reorder or crop it, which the
     paged cache cannot). ``paged_cache=False`` keeps HF's default cache for every call. With
     ``regional=True`` (a training mode) it is off and ``paged_cache=True`` raises: paged decoding
