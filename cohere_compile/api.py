@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from .backend import make_backend
+from .cache import hf_default
 from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
@@ -29,6 +30,7 @@ class CompileOptions:
     fullgraph: bool = False
     regional: bool = False
     training_rewrites: bool = False
+    paged_cache: bool = True  # HF generate's default cache is a cc.PagedKVCache (cache/hf_default.py)
     inductor: dict[str, Any] = field(default_factory=dict)
 
     def backend_options(self) -> dict[str, Any]:
@@ -76,6 +78,7 @@ def optimize(
     regional: bool = False,
     keep_training_logits: bool = False,
     training_rewrites: bool = False,
+    paged_cache: bool | None = None,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
@@ -96,8 +99,30 @@ def optimize(
     ``training_rewrites=True`` lets the passes rewrite training (forward+backward) graphs too,
     with our backward kernels and the fused loss; off by default: verified on CPU, but
     bf16 LoRA training graphs rewritten this way failed on the H200 (see passes/manager.py).
+    ``paged_cache`` (default: on, off with ``regional=True``): a plain ``model.generate(...)``
+    (greedy or sampling, no ``past_key_values`` / ``cache_implementation``, ``use_cache`` not
+    False) decodes into a ``cc.PagedKVCache`` sized for that call (rows = batch x
+    ``num_return_sequences``, per row HF's resolved max length rounded up to 64-token blocks,
+    the model's dtype and device) instead of HF's ``DynamicCache``, each step's blocks planned
+    before the compiled forward (no graph break). Beam search, assisted
+    decoding, contrastive search and DoLa keep HF's cache (they reorder or crop it, which the
+    paged cache cannot). ``paged_cache=False`` keeps HF's default cache for every call. With
+    ``regional=True`` (a training mode) it is off and ``paged_cache=True`` raises: paged decoding
+    is built for the whole-model graph (``cc.generate`` refuses regional models too). A
+    peft-wrapped model gets it on the HF model inside, whose ``generate`` peft calls. See
+    ``cache/hf_default.py``.
     """
     check_model(model)
+    if paged_cache is None:
+        paged_cache = not regional
+    if paged_cache and regional:
+        raise ValueError(
+            "cohere_compile.optimize: paged_cache=True does not combine with regional=True (a training mode; paged "
+            "decoding is built for the whole-model graph). Optimize without regional=True for inference, or leave "
+            "paged_cache unset (regional models keep Hugging Face's cache)."
+        )
+    if paged_cache:
+        hf_default.hooked_signature(base_model(model))  # an unsupported transformers release fails before compiling
     if group_size != 128 and quantize != "int4":
         raise ValueError(f"group_size={group_size} applies to quantize='int4' only (quantize={quantize!r})")
     if quantize is not None:
@@ -110,6 +135,7 @@ def optimize(
         fullgraph=fullgraph,
         regional=regional,
         training_rewrites=training_rewrites,
+        paged_cache=paged_cache,
         inductor=dict(inductor_options),
     )
     # Before compiling: the regional head region must trace the wrapper (logits never made).
@@ -119,6 +145,7 @@ def optimize(
         compile_regions(model, backend, dynamic=dynamic, fullgraph=fullgraph)
     else:
         model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    (hf_default.install if paged_cache else hf_default.uninstall)(base_model(model))
     model._cohere_compile_options = options
     return model
 

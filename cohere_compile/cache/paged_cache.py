@@ -15,9 +15,10 @@ Two ways to drive it:
 - ``cohere_compile.generate`` (host-managed): it calls ``prepare`` for exactly the rows
   in the batch before every forward; the decode step is a fixed-shape graph over all
   rows, idle rows skipped, so it can be captured as a CUDA graph.
-- plain HF ``generate``: batch row ``i`` is cache row ``i``; the first layer's ``update``
-  calls ``prepare`` itself (a graph break under ``torch.compile``; the fast path is
-  ``cohere_compile.generate``).
+- plain HF ``generate``: batch row ``i`` is cache row ``i``. On a model from ``cc.optimize``,
+  ``plan_hf_step`` plans each forward before it runs (no graph break); otherwise the first
+  layer's ``update`` calls ``prepare`` itself (a graph break under ``torch.compile``). The
+  fast path is ``cohere_compile.generate``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ class _PagedLayer(CacheLayerMixin):
                 f"with the model's config and dtype: PagedKVCache(model.config, ..., dtype=model.dtype)"
             )
         if not cache.host_managed and self.layer_idx == 0:
-            cache._prepare_hf_forward(key_states.shape[0], key_states.shape[2])
+            if cache.planned:  # planned before this forward (plan_hf_step): no host work inside it
+                cache.planned = False
+            else:
+                cache._prepare_hf_forward(key_states.shape[0], key_states.shape[2])
         torch.ops.cohere.paged_kv_write(self.keys, self.values, key_states, value_states, cache.step_slots)
         view = cache.step_view_len
         return (
@@ -159,6 +163,7 @@ class PagedKVCache(Cache):
         self.step_lens = self._decode_lens
         self.step_table = self.block_table
         self.step_view_len = self.max_seq_len
+        self.planned, self.planned_offset = False, 0
 
     def free(self, row: int) -> None:
         """End the sequence in ``row``: its blocks go back to the pool."""
@@ -246,12 +251,25 @@ class PagedKVCache(Cache):
         self.prepare(range(batch), n_tokens)
         self.step_view_len = self.max_seq_len  # HF sized its mask with get_mask_sizes
 
+    def plan_hf_step(self, batch: int, n_tokens: int) -> None:
+        """Plan HF ``generate``'s next forward before it runs (``cc.optimize`` hooks HF's
+        ``prepare_inputs_for_generation`` to call this), so the compiled forward holds no host
+        logic and no graph break; layer 0's ``update`` then only takes the plan."""
+        if self.planned:
+            raise RuntimeError("PagedKVCache.plan_hf_step: the previously planned forward never ran; "
+                               "call the model's forward once per plan_hf_step")
+        offset = self.seq_lens[0]
+        self._prepare_hf_forward(batch, n_tokens)
+        self.planned, self.planned_offset = True, offset
+
     @property
     def max_batch_size(self) -> int:
         return self.rows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seq_lens[0]
+        # HF's mask asks this (as the query offset) inside the forward: a planned forward's own
+        # tokens are already in seq_lens, so answer with the length before them
+        return self.planned_offset if self.planned else self.seq_lens[0]
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(rows={self.rows}, blocks={self.num_blocks}x{self.block_size}, "
