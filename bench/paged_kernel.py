@@ -8,6 +8,7 @@ measured device copy bandwidth.
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/paged_kernel.py
 """
 
+import inspect
 import itertools
 
 import torch
@@ -53,8 +54,10 @@ def main():
             rows.append({"workload": name, "block_n": block_n, "num_warps": warps, "num_stages": stages,
                          "target_programs": target, "us": t * 1e6, "gbs": gbs, "fraction_of_copy": gbs / bandwidth})
         best = sorted((r for r in rows if r["workload"] == name), key=lambda r: r["us"])[:5]
+        knobs = inspect.signature(paged_decode_attention).parameters
+        current = tuple(knobs[k].default for k in ("block_n", "num_warps", "num_stages", "target_programs"))
         default = [r for r in rows if r["workload"] == name and (r["block_n"], r["num_warps"], r["num_stages"],
-                                                                   r["target_programs"]) == (64, 4, 3, 4096)]
+                                                                   r["target_programs"]) == current]
         print(name, "default", default, "\nbest", *best, sep="\n  ")
     write_json("paged_kernel_sweep.json", {"env": environment(), "copy_bandwidth_gbs": bandwidth, "rows": rows})
 

@@ -158,17 +158,19 @@ def paged_merge_kernel(
     tl.store(out_ptr + b * sob + head * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def _n_splits(batch_kv_heads: int, view_len: int, block_n: int, target_programs: int = 4096) -> int:
+def _n_splits(batch_kv_heads: int, view_len: int, block_n: int, target_programs: int = 1024) -> int:
     """Splits per (sequence, KV head). Sequences are usually shorter than the view, so
-    splits past a sequence's end exit at once: aim for ~4096 programs in all, so the
+    splits past a sequence's end exit at once: aim for ~1024 programs in all, so the
     ones with work still fill 132 SMs with enough loads in flight, but never a split
-    shorter than one tile."""
+    shorter than one tile. The H200 sweep (bench/results/paged_kernel_sweep.json) put
+    1024 programs and 2 stages first: 51.3 vs 56.8 us (2.85 vs 2.57 TB/s) on the ragged
+    batch of 32, equal at batch 1."""
     tiles = triton.cdiv(view_len, block_n)
     return max(1, min(tiles, triton.cdiv(target_programs, batch_kv_heads)))
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale, out, *,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3, target_programs: int = 4096):
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2, target_programs: int = 1024):
     """q: (B, H, 1, D) -> out (B, H, 1, D). Attends positions [0, kv_lens[b]) of each sequence.
     The keyword knobs are for tuning sweeps (bench/paged_kernel.py)."""
     b, h, _, d = q.shape
