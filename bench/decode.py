@@ -39,6 +39,7 @@ from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_ti
 # cc.generate variants: Inductor options on top of its defaults. ``ours_frozen``: Inductor
 # freezing, which treats weights as constants, so its concat-linear pattern can merge the
 # q/k/v and gate/up matmuls that share an input into one GEMV each (copies of those weights).
+# On the H200 (2026-11-29, B1 Aya-8B) it ran 71 tok/s against 196 without: an experiment, not a default.
 OUR_VARIANTS = {"ours": None, "ours_frozen": {"freezing": True}}
 
 
