@@ -42,7 +42,7 @@ PEERS = {
     "eager": "HF eager (sdpa)",
     "torch_compile": "HF + torch.compile",
     "cc": "cc.optimize (regional)",
-    "cc_rewrites": "cc.optimize (regional, training_rewrites=True)",
+    "cc_rewrites": "cc.optimize (regional, training rewrites + fused loss)",
     "cc_whole": "cc.optimize (whole model)",
 }
 DEFAULT_LAYERS = {"command-r-plus": 8}  # 64 layers (104B parameters) do not fit one GPU
@@ -88,12 +88,22 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
     # compiles one layer graph, not two (costs layer 0's input gradient, ~1/(2L) of the backward).
     model.enable_input_require_grads()
     how = {"eager": "none", "torch_compile": "torch", "cc": "cc", "cc_rewrites": "cc", "cc_whole": "cc"}[peer]
-    model = compile_model(model, how, regional=peer in ("cc", "cc_rewrites"), passes=args.passes,
+    passes = args.passes
+    if peer == "cc_rewrites" and passes is None:  # the training rewrites with the fused loss on top
+        from cohere_compile.passes import DEFAULT_PASSES
+
+        passes = [*DEFAULT_PASSES, "linear_cross_entropy"]
+    model = compile_model(model, how, regional=peer in ("cc", "cc_rewrites"), passes=passes,
                           training_rewrites=peer == "cc_rewrites")
     batches = [b.to(device) for b in token_batches(model.config.vocab_size, args.batch, args.seq, n_batches=4, seed=2)]
     torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()
-    result = train(model, batches, args.warmup + args.steps, lr=1e-4, progress=False, device=device)
+    from cohere_compile.passes import recording
+
+    # caches off for every peer: first steps are cold compiles (as on a fresh machine), and the
+    # pass manager reports the rewrites of each compiled graph (a cache hit would report none)
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
+        result = train(model, batches, args.warmup + args.steps, lr=1e-4, progress=False, device=device)
     wall = time.perf_counter() - t0
     out = {
         "peer": PEERS[peer],
@@ -105,6 +115,7 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
         "wall_s": wall,
         # graphs Dynamo compiled (regional: layer graphs + final norm + head, independent of depth)
         "dynamo_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+        "rewrites": rewrites,
     }
     if device == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -125,8 +136,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=["eager", "torch_compile", "cc"])
-    parser.add_argument("--passes", nargs="*", default=None, help="cc passes (default: DEFAULT_PASSES)")
+    parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=["eager", "torch_compile", "cc", "cc_rewrites"])
+    parser.add_argument("--passes", nargs="*", default=None,
+                        help="cc passes (default: DEFAULT_PASSES; cc_rewrites adds linear_cross_entropy)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--name", default=None, help="JSON file name under bench/results/")
     args = parser.parse_args(argv)

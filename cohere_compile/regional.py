@@ -10,13 +10,21 @@ Regions (all with the same backend, hence the same passes):
   * every ``CohereDecoderLayer`` (``layer.compile``: HF's gradient checkpointing wraps
     the compiled call, so it keeps working);
   * the final ``norm``;
-  * the head: ``CohereForCausalLM.forward`` is compiled with the backbone call
-    (``CohereModel.forward``) opaque to Dynamo, so what follows it - LM head,
-    ``logit_scale`` and the loss - is one graph (where a loss pass can match).
+  * the head: ``CohereForCausalLM.forward`` - LM head, ``logit_scale`` and the loss - is
+    one graph that starts at the backbone's output (where a loss pass can match).
 The backbone's own glue (embedding lookup, mask and rotary tables) runs eagerly.
+
+The head without a graph break: a call to the head first runs the backbone eagerly (its
+layers compiled) with the arguments HF's forward hands it, then the compiled head, in
+which ``self.model(...)`` returns that output (``BackboneSlot``). A graph break at the
+backbone call instead would make the logits an output of the continuation graph, before the
+``logits=None`` wrapper (training_outputs.py) could drop them, and the fused loss could
+never fire.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -55,11 +63,50 @@ def compile_regions(model: torch.nn.Module, backend, dynamic: bool | None, fullg
         layer.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     for body in bodies:
         body.norm.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
-        # Opaque to the head's compile below (its callees, the layers, run their own compiled code).
-        body.forward = torch._dynamo.disable(body.forward)
+        body.forward = BackboneSlot(body.forward)
         setattr(body, REGIONAL_ATTR, True)
     for head in heads:
         # An instance attribute, so peft's LoraModel (which calls the base model) and
-        # direct ``.forward`` calls both reach the compiled head. It must graph-break
-        # at the backbone call, so never fullgraph.
-        head.forward = torch.compile(head.forward, backend=backend, dynamic=dynamic)
+        # direct ``.forward`` calls both reach the compiled head.
+        compiled = torch.compile(head.forward, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+        head.forward = RegionalHead(head, compiled)
+
+
+class BackboneSlot:
+    """``CohereModel.forward`` in regional mode. Called on its own: the eager backbone (its
+    layers run their compiled code), opaque to Dynamo. Inside a ``RegionalHead`` call: the
+    output computed just before, so the compiled head traces no backbone and no graph break."""
+
+    def __init__(self, eager_forward):
+        self.eager_forward = torch._dynamo.disable(eager_forward)
+        self.output = None
+
+    def __call__(self, *args, **kwargs):
+        if self.output is not None:
+            return self.output
+        return self.eager_forward(*args, **kwargs)
+
+
+class RegionalHead:
+    """``CohereForCausalLM.forward`` in regional mode: the backbone, then the compiled head."""
+
+    def __init__(self, head: torch.nn.Module, compiled_forward):
+        self.head, self.compiled_forward = head, compiled_forward
+        self.signature = inspect.signature(type(head).forward)
+        self.__signature__ = inspect.signature(compiled_forward)  # HF Trainer reads forward's signature
+
+    def backbone_arguments(self, args, kwargs) -> dict:
+        """What HF's ``CohereForCausalLM.forward`` passes to ``self.model``: the backbone's own
+        named parameters, plus the extra ``**kwargs`` (``labels`` / ``logits_to_keep`` stay)."""
+        bound = self.signature.bind(self.head, *args, **kwargs).arguments
+        body = inspect.signature(type(self.head.model).forward).parameters
+        extra = bound.get(next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+        return {**{n: v for n, v in bound.items() if n in body and n not in ("self", "kwargs")}, **extra}
+
+    def __call__(self, *args, **kwargs):
+        slot = self.head.model.forward
+        slot.output = slot.eager_forward(**self.backbone_arguments(args, kwargs))
+        try:
+            return self.compiled_forward(*args, **kwargs)
+        finally:
+            slot.output = None

@@ -106,6 +106,38 @@ def test_regional_compiles_one_layer_graph_for_any_depth(layers, compiled_graphs
     assert sorted(rewrites, key=key) == sorted([ONE_LAYER, NORM_ONLY, NOTHING], key=key)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_regional_lora_fuses_the_loss_in_the_head_graph(checkpointing, compiled_graphs, monkeypatch):
+    """Regional + LoRA (+ gradient checkpointing, which turns on enable_input_require_grads):
+    the head graph starts at the backbone's output with no graph break, so the logits stay
+    inside it, the fused loss fires there once, and loss and LoRA gradients match eager."""
+    from cohere_compile.kernels import cross_entropy as ce_kernel
+
+    calls = []
+    real = ce_kernel.fused_linear_cross_entropy
+    monkeypatch.setattr(ce_kernel, "fused_linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def build():
+        m = lora(base())
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return m
+
+    ref, model = build(), cc.optimize(build(), passes=["linear_cross_entropy"], regional=True,
+                                      training_rewrites=True)
+    with recording() as rewrites, no_caches():
+        assert_lora_grads_match(model, ref, IDS)
+    assert sum(r["linear_cross_entropy"] for r in rewrites) == 1, rewrites
+    assert len(calls) == 1  # the compiled step ran cohere::linear_cross_entropy
+    model.train()
+    assert model(input_ids=IDS, labels=IDS, use_cache=False).logits is None
+    with torch.no_grad():  # eval and generation: the backbone-then-head call keeps the logits and the cache
+        model.eval(), ref.eval()
+        assert rel_err(model(input_ids=IDS).logits, ref(input_ids=IDS).logits) < 1e-4
+        assert torch.equal(model.generate(IDS, max_new_tokens=3, do_sample=False),
+                           ref.generate(IDS, max_new_tokens=3, do_sample=False))
+
+
 def test_regional_twice_is_an_error_and_explain_says_why_it_cannot_report():
     model = base()
     cc.optimize(model, regional=True)
