@@ -100,7 +100,10 @@ class RegionalHead:
         named parameters, plus the extra ``**kwargs`` (``labels`` / ``logits_to_keep`` stay)."""
         bound = self.signature.bind(self.head, *args, **kwargs).arguments
         body = inspect.signature(type(self.head.model).forward).parameters
-        extra = bound.get(next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+        extra = dict(bound.get(next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {}))
+        # HF's @can_return_tuple takes return_dict off before the forward runs: its backbone
+        # call never sees it (and must return a ModelOutput, not a tuple)
+        extra.pop("return_dict", None)
         return {**{n: v for n, v in bound.items() if n in body and n not in ("self", "kwargs")}, **extra}
 
     def __call__(self, *args, **kwargs):

@@ -138,6 +138,20 @@ def test_regional_lora_fuses_the_loss_in_the_head_graph(checkpointing, compiled_
                            ref.generate(IDS, max_new_tokens=3, do_sample=False))
 
 
+def test_regional_head_keeps_hf_output_options():
+    """The regional head runs the backbone itself, with the arguments HF's forward would pass:
+    ``return_dict=False`` (taken off by HF's decorator, never seen by the backbone) and
+    ``output_hidden_states`` (passed through) give what eager HF gives."""
+    ref, model = base(), cc.optimize(base(), regional=True)
+    with torch.no_grad():
+        tup, ref_tup = model(IDS, return_dict=False, use_cache=False), ref(IDS, return_dict=False, use_cache=False)
+        assert isinstance(tup, tuple) and rel_err(tup[0], ref_tup[0]) < 1e-4
+        out, ref_out = model(IDS, output_hidden_states=True, use_cache=False), ref(IDS, output_hidden_states=True,
+                                                                                   use_cache=False)
+        assert len(out.hidden_states) == len(ref_out.hidden_states) == 3
+        assert all(rel_err(a, b) < 1e-4 for a, b in zip(out.hidden_states, ref_out.hidden_states))
+
+
 def test_regional_twice_is_an_error_and_explain_says_why_it_cannot_report():
     model = base()
     cc.optimize(model, regional=True)
