@@ -35,6 +35,8 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
 # int4_cohere: + our default passes (cc backend); *_generate: cc.optimize + cc.generate (our
 # paged cache and CUDA-graph decode step), decode steps only
 DECODE_VARIANTS = ("bf16", "int4", "int4_cohere", "bf16_generate", "int4_generate")
+# *_cohere: cc.optimize(regional, training rewrites, + fused loss) instead of plain torch.compile
+TRAIN_VARIANTS = ("bf16_lora", "qlora_nf4", "qlora_nf4_cohere")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -221,12 +223,19 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
     return results
 
 
-def train(model, args) -> dict:
+def train(model, args, cohere: bool = False) -> dict:
+    """``cohere``: cc.optimize (regional, training rewrites, default passes + the fused loss)
+    instead of plain torch.compile."""
     import cohere_compile as cc
+    from cohere_compile.passes import DEFAULT_PASSES
 
     model = cc.FastCohereModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=LORA_TARGETS,
                                               use_gradient_checkpointing=args.gc)
-    step_fn = torch.compile(model) if args.compile else model
+    if args.compile and cohere:
+        step_fn = cc.optimize(model, regional=True, training_rewrites=True,
+                              passes=[*DEFAULT_PASSES, "linear_cross_entropy"])
+    else:
+        step_fn = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(10, model.config.vocab_size, (args.train_batch, args.train_seq), generator=g).to(args.device)
@@ -257,12 +266,12 @@ def bench_train(args) -> dict:
     from cohere_compile.quant import quantize_model
 
     results = {}
-    for variant in ("bf16_lora", "qlora_nf4"):
+    for variant in TRAIN_VARIANTS:
         def run(variant=variant):
             model = build(args)
-            if variant == "qlora_nf4":
+            if variant.startswith("qlora_nf4"):
                 quantize_model(model, "nf4")
-            r = train(model, args)
+            r = train(model, args, cohere=variant.endswith("_cohere"))
             print(f"train {variant}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gb']} GB", flush=True)
             return r
 
@@ -294,7 +303,7 @@ def table(res: dict) -> str:
         a = res["args"]
         lines += ["", f"| LoRA r16, B{a['train_batch']} x {a['train_seq']}, gc={a['gc']} | tok/s | ms/step | "
                       "peak GB | first step s |", "| --- | --- | --- | --- | --- |"]
-        for v in ("bf16_lora", "qlora_nf4"):
+        for v in [v for v in TRAIN_VARIANTS if v in t]:
             r = t[v]
             if "error" in r:
                 lines.append(f"| {v} | FAILED: {r['error'][:80]} |")
