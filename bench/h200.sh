@@ -1,0 +1,48 @@
+#!/bin/bash
+# The H200 runs behind the README's tables, as stages that each fit one 10-minute device call.
+# On a 2-GPU machine pass two stages: they run side by side, one per GPU (device time counts
+# the machine, not its GPUs). Logs, and the JSON files the stages write, are copied to $OUT
+# (the device tool's folder; default /tmp/h200_logs).
+#
+#   bash bench/h200.sh tests train          # GPU 0: pytest -m gpu; GPU 1: 32-layer LoRA training
+#   bash bench/h200.sh quant decode-b1      # int4/bf16 decode; B1 decode vs the loop
+#   bash bench/h200.sh decode-ragged hf-generate
+#
+# torchao is not installed there: carry its wheel in .whl/ (see the device notes) and it is
+# installed into /tmp/site first.
+set -u
+export TRITON_INTERPRET=0 PYTHONPATH=$PWD:/tmp/site
+OUT=${OUT:-/tmp/h200_logs}
+mkdir -p "$OUT"
+START_MARK=$(mktemp)
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+LIMIT=${LIMIT:-570}  # seconds per stage
+
+stage() {
+  case "$1" in
+    tests) python3 -m pytest -q -m gpu tests -rfE ;;
+    train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
+    train-qlora) python3 bench/quant.py --skip-decode --out quant_aya-8b_L32_train.json ;;
+    quant) python3 bench/quant.py --skip-train --variants bf16,int4,bf16_generate,int4_generate \
+             --out quant_aya-8b_L32_decode.json ;;
+    decode-b1) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours --tag _b1 ;;
+    decode-b1-hf) python3 bench/decode.py --layers 32 --workloads b1 --peers hf_eager,hf_static,loop --tag _b1_hf ;;
+    decode-ragged) python3 bench/decode.py --layers 32 --workloads ragged --peers loop,ours --tag _ragged ;;
+    hf-generate) python3 bench/hf_generate.py --layers 32 --batch 1 --repeats 2 ;;
+    paged-kernel) python3 bench/paged_kernel.py ;;
+    prefill) python3 bench/prefill.py --ablation ;;
+    *) echo "unknown stage $1"; return 2 ;;
+  esac
+}
+
+gpu=0
+for name in "$@"; do
+  (CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$gpu timeout "$LIMIT" \
+     bash -c "$(declare -f stage); stage $name" > "$OUT/$name.log" 2>&1; echo "$name: exit $?") &
+  gpu=$((gpu + 1))
+done
+wait
+find bench/results -name '*.json' -newer "$START_MARK" -exec cp {} "$OUT"/ \;  # only this run's
+for name in "$@"; do echo "=== $name"; grep -v -i "warn" "$OUT/$name.log" | tail -15; done
