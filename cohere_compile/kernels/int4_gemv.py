@@ -1,0 +1,109 @@
+"""int4 weight-only GEMV for small M (decode): ``out[m, n] = sum_k x[m, k] * W[n, k]``.
+
+Weight layout (see ``ops/int4.py``): ``packed`` uint8 ``[N, K // 2]``, byte ``j`` of a row holds
+``q[2j]`` in its low nibble and ``q[2j + 1]`` in its high nibble; ``scales`` and ``zeros``
+``[N, K // G]`` (G = group size along K). Dequantized weight (tinygemm's asymmetric math):
+``W[n, k] = (q[n, k] - 8) * scales[n, k // G] + zeros[n, k // G]``.
+
+One program owns ``BLOCK_N`` output features and one of ``SPLIT_K`` slices of K. Per K-chunk it
+loads the bytes as a ``[BLOCK_N, BLOCK_K // G, G // 2]`` tile (rows contiguous along K), splits
+the nibbles and, for each of the M rows of x, reduces in fp32 without materialising W:
+``sum_k x W = sum_g s_g * sum_{k in g} x q + (z_g - 8 s_g) * sum_{k in g} x``.
+M is a compile-time constant (<= 16): x rows are few, so a ``tl.sum`` per row beats ``tl.dot``
+(which needs 16 rows). With ``SPLIT_K > 1`` each slice writes fp32 partials ``[SPLIT_K, M, N]``
+and a second pass (``torch.sum``) reduces them: deterministic, no atomics, no memset.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import next_pow2
+
+MAX_M = 16  # the op takes dequantize + matmul above this (prefill); see ops/int4.py
+TARGET_PROGRAMS = 512  # auto split-K aims for about this many programs (H200: 132 SMs, ~4 waves)
+
+
+@triton.jit
+def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_on, stride_os,
+                     CHUNKS_PER_SPLIT, M: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP  # groups per chunk
+    H: tl.constexpr = GROUP // 2  # bytes per group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, NG)
+    offs_h = tl.arange(0, H)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    half_k = K // 2
+    k_groups = K // GROUP
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * half_k
+    sz_rows = offs_n.to(tl.int64)[:, None] * k_groups
+    chunk0 = pid_k * CHUNKS_PER_SPLIT
+    for c in range(chunk0, chunk0 + CHUNKS_PER_SPLIT):
+        g_idx = c * NG + offs_g  # group index along K
+        g_ok = g_idx < k_groups  # the last chunk may be partial; chunks past K load nothing
+        byte = g_idx[:, None] * H + offs_h[None, :]  # [NG, H] byte column within a row
+        b = tl.load(w_rows + byte[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+        q_lo = (b & 15).to(tl.float32)  # k = 2 * byte
+        q_hi = (b >> 4).to(tl.float32)  # k = 2 * byte + 1
+        sz_mask = n_ok[:, None] & g_ok[None, :]
+        s = tl.load(s_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
+        z8 = z - 8.0 * s
+        for m in tl.static_range(M):
+            x_row = x_ptr + m * stride_xm + 2 * byte
+            xe = tl.load(x_row, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [NG, H]
+            xo = tl.load(x_row + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            xq = tl.sum(q_lo * xe[None, :, :] + q_hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
+            xs = tl.sum(xe + xo, axis=1)  # [NG]
+            part = tl.sum(s * xq + z8 * xs[None, :], axis=1)  # [BLOCK_N]
+            acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+    out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None] * stride_on + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
+
+
+def auto_split_k(n_blocks: int, chunks: int) -> int:
+    """Split K only when there are too few column blocks to fill the GPU (k/v proj: N = 1024)."""
+    return max(1, min(chunks, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              block_n: int = 16, block_k: int = 512, split_k: int | None = None, num_warps: int = 4,
+              num_stages: int = 2) -> torch.Tensor:
+    """``x [M, K] @ dequant(W)^T -> [M, N]`` in x's dtype, for 1 <= M <= 16 (inputs checked by the op).
+
+    Knobs: ``block_n`` output features per program; ``block_k`` weights along K per loop step
+    (raised to ``group_size`` if smaller, capped at K rounded up to a power of two);
+    ``split_k`` K slices (None: ``auto_split_k``); ``num_warps``, ``num_stages`` as in Triton.
+    """
+    M, K = x.shape
+    N = packed.shape[0]
+    if not 1 <= M <= MAX_M:
+        raise ValueError(f"int4_gemv: M={M} rows; the GEMV kernel takes 1..{MAX_M} (larger M: dequantize + matmul)")
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"int4_gemv: {name}={v} must be a power of two")
+    x = x.contiguous()
+    block_k = min(max(block_k, group_size), max(group_size, next_pow2(K)))
+    n_blocks = triton.cdiv(N, block_n)
+    chunks = triton.cdiv(K, block_k)
+    split = auto_split_k(n_blocks, chunks) if split_k is None else int(split_k)
+    if split < 1:
+        raise ValueError(f"int4_gemv: split_k={split_k} must be >= 1")
+    per_split = triton.cdiv(chunks, split)
+    split = triton.cdiv(chunks, per_split)  # no empty slices
+    if split == 1:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    if M and N:
+        int4_gemv_kernel[(n_blocks, split)](
+            x, packed, scales, zeros, out, N, K, x.stride(0), N, M * N, per_split,
+            M=M, BLOCK_M=next_pow2(M), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return out if split == 1 else out.sum(0).to(x.dtype)
