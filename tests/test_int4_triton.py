@@ -1,0 +1,264 @@
+"""The opt-in int4 backend (``int4_kernel="triton"``): our packed layout, the Triton GEMV
+(through the interpreter on CPU) against a float64 reference, the quantization against torchao's
+tinygemm helpers, and ``cc.optimize(quantize="int4", int4_kernel="triton")`` on a tiny model.
+The GPU section at the end (``pytest -m gpu tests/test_int4_triton.py``) runs Aya-8B shapes."""
+
+import pytest
+import torch
+import transformers
+
+import cohere_compile as cc
+from cohere_compile.kernels.int4_gemv import MAX_M, auto_split_k, int4_gemv
+from cohere_compile.ops.int4 import dequantize_int4, pack_int4, unpack_int4
+from cohere_compile.passes import PASS_NAMES
+from cohere_compile.quant import Int4TritonLinear, is_quantized, quantize_int4, quantize_model
+from conftest import make_model, padded_inputs, rel_err, tiny_config
+
+GROUP = 32  # tiny hidden 64 / intermediate 96: the group must divide every in_features
+FULL = {"qk_norm_rope": 2, "attention": 2, "paged_attention": 0, "swiglu": 2, "layer_norm": 3,
+        "linear_cross_entropy": 0}  # the unquantized model's counts (test_quant.py)
+LINEARS = 7
+
+
+def reference_matmul(x, packed, scales, zeros, group_size):
+    """float64 ``x @ W^T`` with W rebuilt nibble by nibble from the documented layout."""
+    n, half = packed.shape
+    p = packed.long()
+    q = torch.empty(n, 2 * half, dtype=torch.float64)
+    q[:, 0::2] = (p % 16).double()  # low nibble: even k
+    q[:, 1::2] = (p // 16).double()  # high nibble: odd k
+    g = torch.arange(2 * half) // group_size
+    w = (q - 8) * scales.double()[:, g] + zeros.double()[:, g]
+    return x.double() @ w.t()
+
+
+def random_layer(n, k, group_size, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05 + torch.rand(n, 1, generator=g) * 0.02).to(dtype)  # rows off zero
+    return quantize_int4(w, group_size)
+
+
+@pytest.mark.parametrize("m,n,k,group_size,split_k,block_k,dtype", [
+    (1, 37, 192, 32, 1, 64, torch.float32),      # N not a multiple of BLOCK_N, K a partial last chunk
+    (3, 50, 256, 64, 1, 128, torch.float32),
+    (3, 50, 256, 64, 3, 64, torch.float32),      # split-K, 4 chunks over 3 slices (last slice shorter)
+    (1, 70, 384, 128, None, 128, torch.bfloat16),  # auto split-K (few column blocks: split)
+    (3, 21, 256, 32, 2, 128, torch.bfloat16),
+    (16, 19, 128, 64, 1, 512, torch.float32),    # M at the kernel's limit; block_k capped at K
+])
+def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k, dtype):
+    packed, scales, zeros = random_layer(n, k, group_size, dtype)
+    x = torch.randn(m, k).to(dtype)
+    out = int4_gemv(x, packed, scales, zeros, group_size, block_n=16, block_k=block_k, split_k=split_k)
+    assert out.dtype == dtype and out.shape == (m, n)
+    err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
+    assert err < (1e-6 if dtype == torch.float32 else 8e-3), err
+
+
+def test_auto_split_k_fills_the_gpu_only_when_needed():
+    assert auto_split_k(n_blocks=64, chunks=8) == 8  # k/v proj at Aya shapes: N=1024 / 16, K=4096 / 512
+    assert auto_split_k(n_blocks=896, chunks=8) == 1  # gate/up: N=14336 already gives 896 programs
+    assert auto_split_k(n_blocks=256, chunks=28) == 2  # down: N=4096, K=14336
+    assert auto_split_k(n_blocks=1, chunks=3) == 3  # never more slices than chunks
+
+
+@pytest.mark.parametrize("rows", [(2, 5), (17,)])  # 10 rows: the kernel; 17: dequantize + matmul in the op
+def test_op_handles_batched_and_noncontiguous_inputs(rows):
+    packed, scales, zeros = random_layer(45, 128, 64, torch.float32, seed=1)
+    x = torch.randn(*rows, 256)[..., ::2]  # non-contiguous
+    out = torch.ops.cohere.int4_linear(x, packed, scales, zeros, 64)
+    assert out.shape == (*rows, 45)
+    ref = reference_matmul(x.reshape(-1, 128), packed, scales, zeros, 64).view(*rows, 45)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_pack_unpack_layout_and_round_trip():
+    q = torch.randint(0, 16, (7, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 32)
+    assert int(packed[3, 5]) == int(q[3, 10]) + 16 * int(q[3, 11])  # even k low nibble, odd k high
+    assert torch.equal(unpack_int4(packed), q)
+    every_byte = torch.arange(256, dtype=torch.uint8).view(4, 64)
+    assert torch.equal(pack_int4(unpack_int4(every_byte)), every_byte)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_quantization_is_tinygemm_math_bit_for_bit(dtype, group_size):
+    from torchao.quantization.quant_primitives import (MappingType, _choose_qparams_affine_tinygemm,
+                                                       _quantize_affine_tinygemm)
+
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    packed, scales, zeros = quantize_int4(w, group_size)
+    block = (1, group_size)
+    s, z = _choose_qparams_affine_tinygemm(w, MappingType.ASYMMETRIC, block, torch.int32, 0, 15)
+    q = _quantize_affine_tinygemm(w, block, s, z, torch.int32, 0, 15)
+    assert torch.equal(scales, s.view(24, -1)) and torch.equal(zeros, z.view(24, -1))
+    assert torch.equal(unpack_int4(packed).int(), q)
+    # and the dequantized weights sit within 4-bit error of the originals (random normal, 16 levels)
+    err = rel_err(dequantize_int4(packed, scales, zeros, group_size), w)
+    assert 0.03 < err < 0.15, err
+
+
+def triton_linears(model):
+    return [m for m in model.modules() if isinstance(m, Int4TritonLinear)]
+
+
+def dequantized_reference(qmodel, cfg, dtype):
+    """A plain HF model holding the Int4TritonLinear layers' dequantized weights (untied head)."""
+    ref = make_model(cfg, dtype)
+    ref.config.tie_word_embeddings = False
+    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
+    with torch.no_grad():
+        for name, module in qmodel.named_modules():
+            if isinstance(module, Int4TritonLinear):
+                ref.get_submodule(name).weight.copy_(module.dequantized_weight())
+        for name, p in qmodel.named_parameters():
+            ref.get_parameter(name).copy_(p)
+    return ref
+
+
+def logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_bf16_model_swaps_every_linear_and_stays_within_4bit_error():
+    """Eager (uncompiled) bf16: the head is its own int4 copy, the embedding a plain lookup."""
+    cfg = tiny_config(False, 2)
+    model, original = make_model(cfg, torch.bfloat16), make_model(cfg, torch.bfloat16)
+    ids, am = padded_inputs(seq=7)  # 14 rows: the GEMV kernel, not the large-M path
+    quantize_model(model, "int4", group_size=GROUP, int4_kernel="triton")
+    assert len(triton_linears(model)) == LINEARS * cfg.num_hidden_layers + 1
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, Int4TritonLinear) and model.config.tie_word_embeddings is False
+    emb = model.model.embed_tokens.weight
+    assert type(emb) is torch.nn.Parameter and torch.equal(emb, original.model.embed_tokens.weight)
+    model.tie_weights()  # HF must not re-tie (there is no head weight to tie)
+    assert isinstance(model.lm_head, Int4TritonLinear)
+    keep = am.bool()
+    out = logits(model, input_ids=ids, attention_mask=am)
+    deq = logits(dequantized_reference(model, cfg, torch.bfloat16), input_ids=ids, attention_mask=am)
+    assert rel_err(out[keep], deq[keep]) < 1e-2  # the reference rounds dequantized weights to bf16
+    err = rel_err(out[keep], logits(original, input_ids=ids, attention_mask=am)[keep])
+    assert 0.02 < err < 0.3, err  # 4-bit weights, groups of 32 (weight error ~0.1)
+
+
+def test_optimize_triton_int4_rewrites_matches_and_generates():
+    """fp32, compiled: exact rewrite counts, logits as the dequantized model, cc.generate compiled
+    gives the tokens of the eager path, and HF generate (paged cache) those of the reference."""
+    cfg = tiny_config(False, 2)
+    model = make_model(cfg)
+    ids, am = padded_inputs(seq=7)
+    assert cc.optimize(model, quantize="int4", int4_kernel="triton", group_size=GROUP, passes=PASS_NAMES) is model
+    assert len(triton_linears(model)) == LINEARS * cfg.num_hidden_layers + 1
+    ref = dequantized_reference(model, cfg, torch.float32)
+    keep = am.bool()
+    assert rel_err(logits(model, input_ids=ids, attention_mask=am)[keep],
+                   logits(ref, input_ids=ids, attention_mask=am)[keep]) < 1e-5
+    explanation = cc.explain(model, ids, attention_mask=am)
+    assert explanation.matches == FULL, str(explanation)
+    assert explanation.graph_breaks == 0, explanation.break_reasons
+
+    prompts = [[5, 9, 33, 7], [11, 3, 60]]
+    eager = cc.generate(model, prompts, 6, stop_tokens=(), compiled=False)
+    assert cc.generate(model, prompts, 6, stop_tokens=()) == eager
+    prompt = torch.tensor([prompts[0]])
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = ref.generate(prompt, **greedy)
+    assert torch.equal(want[0, 4:], torch.tensor(eager[0]))
+    assert torch.equal(model.generate(prompt, **greedy), want)
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = make_model(tiny_config(False, 2))
+    with pytest.raises(ValueError, match="int4_kernel='cuda' is not supported"):
+        cc.optimize(model, quantize="int4", int4_kernel="cuda")
+    with pytest.raises(ValueError, match="int4_kernel='triton' applies to quantize='int4' only"):
+        cc.optimize(model, int4_kernel="triton")
+    with pytest.raises(ValueError, match="int4_kernel='triton' applies to quantize='int4' only"):
+        quantize_model(model, "nf4", int4_kernel="triton")
+    with pytest.raises(ValueError, match="group_size=48 is not supported"):
+        quantize_model(model, "int4", group_size=48, int4_kernel="triton")
+    with pytest.raises(ValueError, match="in_features=64, not a multiple of group_size=128"):
+        quantize_model(model, "int4", group_size=128, int4_kernel="triton")
+    assert not triton_linears(model) and model.lm_head.weight is model.model.embed_tokens.weight  # untouched
+    with pytest.raises(ValueError, match="has a bias"):
+        Int4TritonLinear.from_linear(torch.nn.Linear(64, 8, bias=True), 32)
+    quantize_model(model, "int4", group_size=GROUP, int4_kernel="triton")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, "int4", group_size=GROUP)
+
+    packed, scales, zeros = random_layer(8, 64, 32, torch.float32)
+    op = torch.ops.cohere.int4_linear
+    with pytest.raises(ValueError, match="x has 48 features, the weight has in_features=64"):
+        op(torch.randn(1, 48), packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match=r"scales must be floating \[N, K // group_size\] = \(8, 1\)"):
+        op(torch.randn(1, 64), packed, scales, zeros, 64)
+    with pytest.raises(ValueError, match="packed must be uint8"):
+        op(torch.randn(1, 64), packed.to(torch.int8), scales, zeros, 32)
+    with pytest.raises(cc.UnsupportedInputError, match="dtype torch.float64 is not supported"):
+        op(torch.randn(1, 64, dtype=torch.float64), packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match=f"takes 1..{MAX_M}"):
+        int4_gemv(torch.randn(MAX_M + 1, 64), packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match="block_n=24 must be a power of two"):
+        int4_gemv(torch.randn(1, 64), packed, scales, zeros, 32, block_n=24)
+    with pytest.raises(ValueError, match="values must be integers in 0..15"):
+        pack_int4(torch.full((2, 4), 16))
+
+
+# ---- GPU (H200): pytest -m gpu tests/test_int4_triton.py ----------------------------------------
+
+AYA = [(1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (256000, 4096)]  # (N, K) of Aya-8B
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", AYA)
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_kernel_at_aya_shapes(n, k, m):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    packed, scales, zeros = quantize_int4(w, 128)
+    x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, 128).double().t()
+    for split_k in (None, 1, 4):
+        out = int4_gemv(x, packed, scales, zeros, 128, split_k=split_k)
+        assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 8e-3, (split_k, rel_err(out, ref))
+
+
+@pytest.mark.gpu
+def test_gpu_op_large_m_and_tinygemm_agree():
+    """The op's large-M path, and our layer against torchao's tinygemm layer of the same weight
+    (same quantization math: outputs agree to bf16 rounding)."""
+    from torchao.quantization import quantize_
+
+    from cohere_compile.quant import int4_config
+
+    linear = torch.nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16)
+    ours = Int4TritonLinear.from_linear(linear, 128)
+    quantize_(linear, int4_config(torch.device("cuda"), torch.bfloat16, 128))
+    for m in (1, 7, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ ours.dequantized_weight().double().t()
+        out = ours(x)
+        assert rel_err(out, ref) < 8e-3, (m, rel_err(out, ref))
+        assert rel_err(out, linear(x)) < 1.5e-2, (m, rel_err(out, linear(x)))
+
+
+@pytest.mark.gpu
+def test_gpu_optimize_triton_int4_generate():
+    """bf16: logits as the dequantized model; fp32 (no rounding noise to flip a greedy pick):
+    cc.generate compiled (CUDA graphs) gives the eager path's tokens."""
+    cfg = transformers.CohereConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                    eos_token_id=2)
+    model = make_model(cfg, torch.bfloat16).cuda()
+    cc.optimize(model, quantize="int4", int4_kernel="triton", group_size=128)
+    ref = dequantized_reference(model, cfg, torch.bfloat16).cuda()
+    ids = torch.randint(3, 1024, (1, 9), device="cuda")
+    assert rel_err(logits(model, input_ids=ids), logits(ref, input_ids=ids)) < 2e-2
+    model = make_model(cfg, torch.float32).cuda()
+    cc.optimize(model, quantize="int4", int4_kernel="triton", group_size=128)
+    prompts = [[5, 9, 33, 7, 100], [11, 3, 60]]
+    tokens = cc.generate(model, prompts, 16, stop_tokens=())
+    assert tokens == cc.generate(model, prompts, 16, stop_tokens=(), compiled=False)
