@@ -30,10 +30,12 @@ from bench.quant import tensor_bytes  # noqa: E402
 AYA_SHAPES = {"kv_proj": (1024, 4096), "q_o_proj": (4096, 4096), "gate_up_proj": (14336, 4096),
               "down_proj": (4096, 14336), "lm_head": (256000, 4096)}
 TINY_SHAPES = {"kv_proj": (48, 256), "down_proj": (64, 512)}
-SWEEP = dict(block_n=(8, 16, 32), block_k=(256, 512), split_k=(None, 1), num_warps=(4, 8), num_stages=(2,))
+SWEEP = dict(block_n=(8, 16, 32), block_k=(256, 512), split_k=(None, 1), num_warps=(4, 8), num_stages=(2,),
+             reduce_at_end=(None, False))
 SWEEP_WIDE = dict(block_n=(4, 8, 16, 32, 64), block_k=(128, 256, 512, 1024), split_k=(None, 1, 2, 4),
-                  num_warps=(2, 4, 8), num_stages=(1, 2, 3))
-SWEEP_TINY = dict(block_n=(16,), block_k=(128, 256), split_k=(None, 1), num_warps=(4,), num_stages=(2,))
+                  num_warps=(2, 4, 8), num_stages=(1, 2, 3), reduce_at_end=(None, False))
+SWEEP_TINY = dict(block_n=(16,), block_k=(128, 256), split_k=(None, 1), num_warps=(4,), num_stages=(2,),
+                  reduce_at_end=(None, False))
 
 
 def time_s(fn, device, calls: int) -> float:
@@ -88,8 +90,10 @@ def bench_shape(name, n, k, m, args, device) -> dict:
         grid = SWEEP_TINY if args.tiny else SWEEP_WIDE if args.sweep_wide else SWEEP
         best = None
         res["sweep"] = []
-        for bn, bk, sk, nw, ns in itertools.product(*grid.values()):
-            knobs = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns)
+        for values in itertools.product(*grid.values()):
+            knobs = dict(zip(grid, values))
+            if m > 1 and knobs["reduce_at_end"] is False:
+                continue  # the same kernel as None for M > 1
             try:
                 s = time_s(lambda: int4_gemv(x, packed, scales, zeros, args.group_size, **knobs), device, args.calls)
             except Exception as e:  # noqa: BLE001  (e.g. out of shared memory for a large tile)
@@ -119,7 +123,7 @@ def table(results: dict, copy_gbs: float) -> str:
     for label, r in results.items():
         best = r.get("best")
         best_s = (f"{best['us']:.1f} (bn={best['block_n']} bk={best['block_k']} sk={best['split_k']} "
-                  f"w={best['num_warps']} s={best['num_stages']})") if best else "-"
+                  f"w={best['num_warps']} s={best['num_stages']} end={best['reduce_at_end']})") if best else "-"
         ratios = " | ".join(f"{r[f'speedup_vs_{p}']:.2f}x" if f"speedup_vs_{p}" in r else "-"
                             for p in ("torchao", "bf16_mm"))
         lines.append(f"| {label.rsplit('_M', 1)[0]} | {r['n']} x {r['k']} | {r['m']} | {cell(r, 'ours')} | "

@@ -38,18 +38,21 @@ def random_layer(n, k, group_size, dtype, seed=0):
     return quantize_int4(w, group_size)
 
 
-@pytest.mark.parametrize("m,n,k,group_size,split_k,block_k,dtype", [
-    (1, 37, 192, 32, 1, 64, torch.float32),      # N not a multiple of BLOCK_N, K a partial last chunk
-    (3, 50, 256, 64, 1, 128, torch.float32),
-    (3, 50, 256, 64, 3, 64, torch.float32),      # split-K, 4 chunks over 3 slices (last slice shorter)
-    (1, 70, 384, 128, None, 128, torch.bfloat16),  # auto split-K (few column blocks: split)
-    (3, 21, 256, 32, 2, 128, torch.bfloat16),
-    (16, 19, 128, 64, 1, 512, torch.float32),    # M at the kernel's limit; block_k capped at K
+@pytest.mark.parametrize("m,n,k,group_size,split_k,block_k,dtype,reduce_at_end", [
+    (1, 37, 192, 32, 1, 64, torch.float32, None),  # N not a multiple of BLOCK_N, K a partial last chunk
+    (1, 37, 192, 32, 1, 64, torch.float32, False),  # M = 1 through the per-chunk reduction
+    (3, 50, 256, 64, 1, 128, torch.float32, None),
+    (3, 50, 256, 64, 3, 64, torch.float32, None),  # split-K, 4 chunks over 3 slices (last slice shorter)
+    (1, 70, 384, 128, None, 128, torch.bfloat16, None),  # auto split-K (few column blocks: split)
+    (1, 70, 384, 128, 2, 128, torch.bfloat16, False),
+    (3, 21, 256, 32, 2, 128, torch.bfloat16, None),
+    (16, 19, 128, 64, 1, 512, torch.float32, None),  # M at the kernel's limit; block_k capped at K
 ])
-def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k, dtype):
+def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k, dtype, reduce_at_end):
     packed, scales, zeros = random_layer(n, k, group_size, dtype)
     x = torch.randn(m, k).to(dtype)
-    out = int4_gemv(x, packed, scales, zeros, group_size, block_n=16, block_k=block_k, split_k=split_k)
+    out = int4_gemv(x, packed, scales, zeros, group_size, block_n=16, block_k=block_k, split_k=split_k,
+                    reduce_at_end=reduce_at_end)
     assert out.dtype == dtype and out.shape == (m, n)
     err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
     assert err < (1e-6 if dtype == torch.float32 else 8e-3), err
@@ -200,6 +203,8 @@ def test_bad_arguments_raise_clear_errors():
         op(torch.randn(1, 64, dtype=torch.float64), packed, scales, zeros, 32)
     with pytest.raises(ValueError, match=f"takes 1..{MAX_M}"):
         int4_gemv(torch.randn(MAX_M + 1, 64), packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match="reduce_at_end=True needs M == 1"):
+        int4_gemv(torch.randn(2, 64), packed, scales, zeros, 32, reduce_at_end=True)
     with pytest.raises(ValueError, match="block_n=24 must be a power of two"):
         int4_gemv(torch.randn(1, 64), packed, scales, zeros, 32, block_n=24)
     with pytest.raises(ValueError, match="values must be integers in 0..15"):
@@ -220,9 +225,10 @@ def test_gpu_kernel_at_aya_shapes(n, k, m):
     packed, scales, zeros = quantize_int4(w, 128)
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
     ref = x.double() @ dequantize_int4(packed, scales, zeros, 128).double().t()
-    for split_k in (None, 1, 4):
-        out = int4_gemv(x, packed, scales, zeros, 128, split_k=split_k)
-        assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 8e-3, (split_k, rel_err(out, ref))
+    for split_k, reduce_at_end in ((None, None), (1, None), (4, None), (None, False)):  # False: M = 1 per-chunk form
+        out = int4_gemv(x, packed, scales, zeros, 128, split_k=split_k, reduce_at_end=reduce_at_end)
+        err = rel_err(out, ref)
+        assert out.dtype == torch.bfloat16 and err < 8e-3, (split_k, reduce_at_end, err)
 
 
 @pytest.mark.gpu

@@ -10,7 +10,10 @@ loads the bytes as a ``[BLOCK_N, BLOCK_K // G, G // 2]`` tile (rows contiguous a
 the nibbles and, for each of the M rows of x, reduces in fp32 without materialising W:
 ``sum_k x W = sum_g s_g * sum_{k in g} x q + (z_g - 8 s_g) * sum_{k in g} x``.
 M is a compile-time constant (<= 16): x rows are few, so a ``tl.sum`` per row beats ``tl.dot``
-(which needs 16 rows). With ``SPLIT_K > 1`` each slice writes fp32 partials ``[SPLIT_K, M, N]``
+(which needs 16 rows). For M = 1 the default instead dequantizes element-wise and accumulates
+``W * x`` in a ``[BLOCK_N, BLOCK_K]``-sized fp32 tile, reduced once after the K loop
+(``reduce_at_end``; no cross-thread reduction per chunk). Which of the two is faster on the
+H200 is for ``bench/int4_gemv.py --sweep`` to say. With ``SPLIT_K > 1`` each slice writes fp32 partials ``[SPLIT_K, M, N]``
 and a second pass (``torch.sum``) reduces them: deterministic, no atomics, no memset.
 """
 
@@ -27,7 +30,7 @@ TARGET_PROGRAMS = 512  # auto split-K aims for about this many programs (H200: 1
 @triton.jit
 def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_on, stride_os,
                      CHUNKS_PER_SPLIT, M: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_AT_END: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP  # groups per chunk
@@ -40,6 +43,8 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, strid
     half_k = K // 2
     k_groups = K // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if REDUCE_AT_END:  # M == 1: accumulate w * x element-wise, one cross-thread reduction at the end
+        acc3 = tl.zeros((BLOCK_N, NG, H), dtype=tl.float32)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * half_k
     sz_rows = offs_n.to(tl.int64)[:, None] * k_groups
     chunk0 = pid_k * CHUNKS_PER_SPLIT
@@ -54,14 +59,23 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, strid
         s = tl.load(s_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
         z8 = z - 8.0 * s
-        for m in tl.static_range(M):
-            x_row = x_ptr + m * stride_xm + 2 * byte
-            xe = tl.load(x_row, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [NG, H]
-            xo = tl.load(x_row + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            xq = tl.sum(q_lo * xe[None, :, :] + q_hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
-            xs = tl.sum(xe + xo, axis=1)  # [NG]
-            part = tl.sum(s * xq + z8 * xs[None, :], axis=1)  # [BLOCK_N]
-            acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+        if REDUCE_AT_END:
+            xe = tl.load(x_ptr + 2 * byte, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [NG, H]
+            xo = tl.load(x_ptr + 2 * byte + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            s3 = s[:, :, None]
+            z3 = z8[:, :, None]
+            acc3 += (q_lo * s3 + z3) * xe[None, :, :] + (q_hi * s3 + z3) * xo[None, :, :]
+        else:
+            for m in tl.static_range(M):
+                x_row = x_ptr + m * stride_xm + 2 * byte
+                xe = tl.load(x_row, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [NG, H]
+                xo = tl.load(x_row + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                xq = tl.sum(q_lo * xe[None, :, :] + q_hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
+                xs = tl.sum(xe + xo, axis=1)  # [NG]
+                part = tl.sum(s * xq + z8 * xs[None, :], axis=1)  # [BLOCK_N]
+                acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+    if REDUCE_AT_END:
+        acc = tl.broadcast_to(tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :], (BLOCK_M, BLOCK_N))
     out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None] * stride_on + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
 
@@ -73,12 +87,13 @@ def auto_split_k(n_blocks: int, chunks: int) -> int:
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               block_n: int = 16, block_k: int = 512, split_k: int | None = None, num_warps: int = 4,
-              num_stages: int = 2) -> torch.Tensor:
+              num_stages: int = 2, reduce_at_end: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(W)^T -> [M, N]`` in x's dtype, for 1 <= M <= 16 (inputs checked by the op).
 
     Knobs: ``block_n`` output features per program; ``block_k`` weights along K per loop step
     (raised to ``group_size`` if smaller, capped at K rounded up to a power of two);
-    ``split_k`` K slices (None: ``auto_split_k``); ``num_warps``, ``num_stages`` as in Triton.
+    ``split_k`` K slices (None: ``auto_split_k``); ``num_warps``, ``num_stages`` as in Triton;
+    ``reduce_at_end`` (M = 1 only; None: on for M = 1) picks the element-wise accumulation.
     """
     M, K = x.shape
     N = packed.shape[0]
@@ -87,6 +102,10 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"int4_gemv: {name}={v} must be a power of two")
+    if reduce_at_end is None:
+        reduce_at_end = M == 1
+    elif reduce_at_end and M != 1:
+        raise ValueError(f"int4_gemv: reduce_at_end=True needs M == 1 (one accumulator tile per row), got M={M}")
     x = x.contiguous()
     block_k = min(max(block_k, group_size), max(group_size, next_pow2(K)))
     n_blocks = triton.cdiv(N, block_n)
@@ -104,6 +123,6 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         int4_gemv_kernel[(n_blocks, split)](
             x, packed, scales, zeros, out, N, K, x.stride(0), N, M * N, per_split,
             M=M, BLOCK_M=next_pow2(M), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=num_warps, num_stages=num_stages,
+            REDUCE_AT_END=bool(reduce_at_end), num_warps=num_warps, num_stages=num_stages,
         )
     return out if split == 1 else out.sum(0).to(x.dtype)
