@@ -28,6 +28,14 @@ TARGET_PROGRAMS = 512  # auto split-K aims for about this many programs (H200: 1
 
 
 @triton.jit
+def _load_x_pairs(x_row, byte, g_ok):
+    """x at k = 2 * byte and 2 * byte + 1, as two fp32 [NG, H] tiles, from one contiguous load."""
+    pair = tl.arange(0, 2)
+    x = tl.load(x_row + 2 * byte[:, :, None] + pair[None, None, :], mask=g_ok[:, None, None], other=0.0)
+    return tl.split(x.to(tl.float32))
+
+
+@triton.jit
 def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_on, stride_os,
                      CHUNKS_PER_SPLIT, M: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_AT_END: tl.constexpr):
@@ -60,16 +68,13 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, strid
         z = tl.load(z_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
         z8 = z - 8.0 * s
         if REDUCE_AT_END:
-            xe = tl.load(x_ptr + 2 * byte, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [NG, H]
-            xo = tl.load(x_ptr + 2 * byte + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            xe, xo = _load_x_pairs(x_ptr, byte, g_ok)
             s3 = s[:, :, None]
             z3 = z8[:, :, None]
             acc3 += (q_lo * s3 + z3) * xe[None, :, :] + (q_hi * s3 + z3) * xo[None, :, :]
         else:
             for m in tl.static_range(M):
-                x_row = x_ptr + m * stride_xm + 2 * byte
-                xe = tl.load(x_row, mask=g_ok[:, None], other=0.0).to(tl.float32)  # [NG, H]
-                xo = tl.load(x_row + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                xe, xo = _load_x_pairs(x_ptr + m * stride_xm, byte, g_ok)
                 xq = tl.sum(q_lo * xe[None, :, :] + q_hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
                 xs = tl.sum(xe + xo, axis=1)  # [NG]
                 part = tl.sum(s * xq + z8 * xs[None, :], axis=1)  # [BLOCK_N]
