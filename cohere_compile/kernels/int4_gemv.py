@@ -28,15 +28,15 @@ TARGET_PROGRAMS = 512  # auto split-K aims for about this many programs (H200: 1
 
 
 @triton.jit
-def _load_x_pairs(x_row, byte, g_ok):
-    """x at k = 2 * byte and 2 * byte + 1, as two fp32 [NG, H] tiles, from one contiguous load."""
-    pair = tl.arange(0, 2)
-    x = tl.load(x_row + 2 * byte[:, :, None] + pair[None, None, :], mask=g_ok[:, None, None], other=0.0)
-    return tl.split(x.to(tl.float32))
+def _load_x_pairs(x_row, g_idx, g_ok, NG: tl.constexpr, GROUP: tl.constexpr):
+    """x of groups ``g_idx`` as (even k, odd k) fp32 ``[NG, GROUP // 2]`` tiles, from one
+    contiguous (vectorizable) load split in registers."""
+    x = tl.load(x_row + g_idx[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None], other=0.0)
+    return tl.split(tl.reshape(x.to(tl.float32), (NG, GROUP // 2, 2)))
 
 
 @triton.jit
-def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_on, stride_os,
+def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_on, stride_os,
                      CHUNKS_PER_SPLIT, M: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_AT_END: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -48,13 +48,13 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, strid
     offs_h = tl.arange(0, H)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
-    half_k = K // 2
     k_groups = K // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if REDUCE_AT_END:  # M == 1: accumulate w * x element-wise, one cross-thread reduction at the end
         acc3 = tl.zeros((BLOCK_N, NG, H), dtype=tl.float32)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * half_k
-    sz_rows = offs_n.to(tl.int64)[:, None] * k_groups
+    # row strides as arguments (not K // 2): Triton then knows their alignment and vectorizes the loads
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn
+    sz_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     chunk0 = pid_k * CHUNKS_PER_SPLIT
     for c in range(chunk0, chunk0 + CHUNKS_PER_SPLIT):
         g_idx = c * NG + offs_g  # group index along K
@@ -68,13 +68,13 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, strid
         z = tl.load(z_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
         z8 = z - 8.0 * s
         if REDUCE_AT_END:
-            xe, xo = _load_x_pairs(x_ptr, byte, g_ok)
+            xe, xo = _load_x_pairs(x_ptr, g_idx, g_ok, NG, GROUP)
             s3 = s[:, :, None]
             z3 = z8[:, :, None]
             acc3 += (q_lo * s3 + z3) * xe[None, :, :] + (q_hi * s3 + z3) * xo[None, :, :]
         else:
             for m in tl.static_range(M):
-                xe, xo = _load_x_pairs(x_ptr + m * stride_xm, byte, g_ok)
+                xe, xo = _load_x_pairs(x_ptr + m * stride_xm, g_idx, g_ok, NG, GROUP)
                 xq = tl.sum(q_lo * xe[None, :, :] + q_hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
                 xs = tl.sum(xe + xo, axis=1)  # [NG]
                 part = tl.sum(s * xq + z8 * xs[None, :], axis=1)  # [BLOCK_N]
@@ -111,7 +111,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         reduce_at_end = M == 1
     elif reduce_at_end and M != 1:
         raise ValueError(f"int4_gemv: reduce_at_end=True needs M == 1 (one accumulator tile per row), got M={M}")
-    x = x.contiguous()
+    x, packed, scales, zeros = x.contiguous(), packed.contiguous(), scales.contiguous(), zeros.contiguous()
     block_k = min(max(block_k, group_size), max(group_size, next_pow2(K)))
     n_blocks = triton.cdiv(N, block_n)
     chunks = triton.cdiv(K, block_k)
@@ -126,7 +126,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         out = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     if M and N:
         int4_gemv_kernel[(n_blocks, split)](
-            x, packed, scales, zeros, out, N, K, x.stride(0), N, M * N, per_split,
+            x, packed, scales, zeros, out, N, K, x.stride(0), packed.stride(0), scales.stride(0), N, M * N, per_split,
             M=M, BLOCK_M=next_pow2(M), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
             REDUCE_AT_END=bool(reduce_at_end), num_warps=num_warps, num_stages=num_stages,
         )

@@ -71,7 +71,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     n, k = packed.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
     if use_triton(x) and 1 <= x2.shape[0] <= kernel.MAX_M:
-        out = kernel.int4_gemv(x2, packed, scales.contiguous(), zeros.contiguous(), group_size)
+        out = kernel.int4_gemv(x2, packed, scales, zeros, group_size)
     elif x.device.type == "cuda":  # prefill-sized M: dequantize, then the tensor-core matmul
         out = torch.mm(x2, dequantize_int4(packed, scales, zeros, group_size).to(x.dtype).t())
     else:  # plain-torch reference (CPU): fp32 math, like the kernel
