@@ -11,6 +11,7 @@ import transformers
 
 import cohere_compile as cc
 from cohere_compile.kernels.int4_gemv import MAX_M, auto_split_k, int4_gemv
+from cohere_compile.ops import int4 as int4_ops
 from cohere_compile.ops.int4 import dequantize_int4, pack_int4, unpack_int4
 from cohere_compile.passes import PASS_NAMES
 from cohere_compile.quant import Int4TritonLinear, is_quantized, quantize_int4, quantize_model
@@ -118,7 +119,8 @@ def test_auto_split_k_fills_the_gpu_only_when_needed():
 
 
 @pytest.mark.parametrize("rows", [(2, 5), (17,)])  # 10 rows: the kernel; 17: dequantize + matmul in the op
-def test_op_handles_batched_and_noncontiguous_inputs(rows):
+def test_op_handles_batched_and_noncontiguous_inputs(rows, monkeypatch):
+    monkeypatch.setattr(int4_ops, "DEQUANT_ROWS", 16)  # the large-M path in 3 slices of output features
     packed, scales, zeros = random_layer(45, 128, 64, torch.float32, seed=1)
     x = torch.randn(*rows, 256)[..., ::2]  # non-contiguous
     out = torch.ops.cohere.int4_linear(x, packed, scales, zeros, 64)

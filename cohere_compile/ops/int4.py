@@ -44,6 +44,22 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return w.view(n, k)
 
 
+DEQUANT_ROWS = 8192  # output features dequantized at a time on the large-M path (bounds its temporary memory)
+
+
+def dequantize_matmul(x2: torch.Tensor, packed, scales, zeros, group_size: int) -> torch.Tensor:
+    """``x2 [M, K] @ W^T`` by dequantizing W in slices of output features: on CUDA each slice is
+    cast to x's dtype for the tensor-core matmul (prefill), on CPU the math stays fp32 (reference)."""
+    cuda = x2.device.type == "cuda"
+    out = torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
+    xf = x2 if cuda else x2.float()
+    for n0 in range(0, packed.shape[0], DEQUANT_ROWS):
+        rows = slice(n0, n0 + DEQUANT_ROWS)
+        w = dequantize_int4(packed[rows], scales[rows], zeros[rows], group_size)
+        out[:, rows] = xf @ (w.to(x2.dtype) if cuda else w).t()
+    return out
+
+
 def check_layout(op_name: str, x, packed, scales, zeros, group_size: int) -> None:
     check_inputs(op_name, x, scales, zeros)
     devices = {t.device for t in (x, packed, scales, zeros)}
@@ -72,10 +88,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     x2 = x.reshape(-1, k)
     if use_triton(x) and 1 <= x2.shape[0] <= kernel.MAX_M:
         out = kernel.int4_gemv(x2, packed, scales, zeros, group_size)
-    elif x.device.type == "cuda":  # prefill-sized M: dequantize, then the tensor-core matmul
-        out = torch.mm(x2, dequantize_int4(packed, scales, zeros, group_size).to(x.dtype).t())
-    else:  # plain-torch reference (CPU): fp32 math, like the kernel
-        out = (x2.float() @ dequantize_int4(packed, scales, zeros, group_size).t()).to(x.dtype)
+    else:
+        out = dequantize_matmul(x2, packed, scales, zeros, group_size)
     return out.view(*x.shape[:-1], n)
 
 
