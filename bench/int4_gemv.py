@@ -30,7 +30,7 @@ from bench.quant import tensor_bytes  # noqa: E402
 AYA_SHAPES = {"kv_proj": (1024, 4096), "q_o_proj": (4096, 4096), "gate_up_proj": (14336, 4096),
               "down_proj": (4096, 14336), "lm_head": (256000, 4096)}
 TINY_SHAPES = {"kv_proj": (48, 256), "down_proj": (64, 512)}
-SWEEP = dict(block_n=(8, 16, 32), block_k=(256, 512), split_k=(None, 1), num_warps=(4, 8), num_stages=(2,),
+SWEEP = dict(block_n=(8, 16, 32), block_k=(256, 512, 1024), split_k=(None, 1), num_warps=(4, 8), num_stages=(2,),
              reduce_at_end=(None, False))
 SWEEP_WIDE = dict(block_n=(4, 8, 16, 32, 64), block_k=(128, 256, 512, 1024), split_k=(None, 1, 2, 4),
                   num_warps=(2, 4, 8), num_stages=(1, 2, 3), reduce_at_end=(None, False))

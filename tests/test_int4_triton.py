@@ -62,26 +62,29 @@ def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k,
 
 
 SM90_COMPILE = r"""
-import json, re, subprocess, sys, tempfile, os
+import inspect, json, re, subprocess, sys, tempfile, os
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from cohere_compile.kernels.int4_gemv import int4_gemv_kernel
+from cohere_compile.kernels.int4_gemv import int4_gemv, int4_gemv_kernel
+
+default = {k: p.default for k, p in inspect.signature(int4_gemv).parameters.items()}  # what the launcher launches
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 result = {}
-for m in (1, 4):
+for m in (1, 4, 16):
     sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
            "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32",
            "stride_os": "i32", "CHUNKS_PER_SPLIT": "i32"}
-    const = dict(M=m, BLOCK_M=triton.next_power_of_2(m), GROUP=128, BLOCK_N=16, BLOCK_K=512, REDUCE_AT_END=m == 1)
+    const = dict(M=m, BLOCK_M=triton.next_power_of_2(m), GROUP=128, BLOCK_N=default["block_n"],
+                 BLOCK_K=default["block_k"], REDUCE_AT_END=m == 1)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     # what the launcher's specialization gives at Aya shapes: pointers and sizes divisible by 16
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:12]}
     src = ASTSource(fn=int4_gemv_kernel, signature=sig, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in const.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2}).asm["ptx"]
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": default["num_warps"], "num_stages": default["num_stages"]}).asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)

@@ -91,7 +91,7 @@ def auto_split_k(n_blocks: int, chunks: int) -> int:
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-              block_n: int = 16, block_k: int = 512, split_k: int | None = None, num_warps: int = 4,
+              block_n: int = 16, block_k: int = 512, split_k: int | None = None, num_warps: int = 8,
               num_stages: int = 2, reduce_at_end: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(W)^T -> [M, N]`` in x's dtype, for 1 <= M <= 16 (inputs checked by the op).
 
@@ -99,6 +99,8 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     (raised to ``group_size`` if smaller, capped at K rounded up to a power of two);
     ``split_k`` K slices (None: ``auto_split_k``); ``num_warps``, ``num_stages`` as in Triton;
     ``reduce_at_end`` (M = 1 only; None: on for M = 1) picks the element-wise accumulation.
+    Defaults are unmeasured guesses from the sm_90 compile (16-byte loads, 80-170 registers for
+    M = 1..16, no spills; tests/test_int4_triton.py checks that); ``bench/int4_gemv.py --sweep`` picks.
     """
     M, K = x.shape
     N = packed.shape[0]
