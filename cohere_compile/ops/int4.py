@@ -8,9 +8,9 @@ Layout (what ``cohere_compile.quant.int4_triton`` writes and the kernel reads):
   which is torchao's tinygemm dequantization (zero point in the float domain).
 
 Paths: rows M = x.numel() / K <= 16 on CUDA (and on CPU under TRITON_INTERPRET=1) run the
-Triton GEMV (``kernels/int4_gemv.py``); more rows (prefill) dequantize W to x's dtype and call
-``torch.mm`` inside the op (correct, not fast: the weight is materialised once per call); CPU
-without the interpreter computes the plain-torch reference below.
+Triton GEMV (``kernels/int4_gemv.py``); more rows (prefill) dequantize W to x's dtype, 8192
+output features at a time, and call ``torch.mm`` inside the op (correct, not fast: the weight is
+materialised once per call); CPU without the interpreter computes the fp32 reference below.
 """
 
 import torch
