@@ -9,12 +9,14 @@ One program owns ``BLOCK_N`` output features and one of ``SPLIT_K`` slices of K.
 loads the bytes as a ``[BLOCK_N, BLOCK_K // G, G // 2]`` tile (rows contiguous along K), splits
 the nibbles and, for each of the M rows of x, reduces in fp32 without materialising W:
 ``sum_k x W = sum_g s_g * sum_{k in g} x q + (z_g - 8 s_g) * sum_{k in g} x``.
-M is a compile-time constant (<= 16): x rows are few, so a ``tl.sum`` per row beats ``tl.dot``
-(which needs 16 rows). For M = 1 the default instead dequantizes element-wise and accumulates
-``W * x`` in a ``[BLOCK_N, BLOCK_K]``-sized fp32 tile, reduced once after the K loop
-(``reduce_at_end``; no cross-thread reduction per chunk). Which of the two is faster on the
-H200 is for ``bench/int4_gemv.py --sweep`` to say. With ``SPLIT_K > 1`` each slice writes fp32 partials ``[SPLIT_K, M, N]``
-and a second pass (``torch.sum``) reduces them: deterministic, no atomics, no memset.
+M is a compile-time constant (<= 16): x rows are few, so each gets a ``tl.sum`` (``tl.dot`` needs
+16 rows). For M = 1 the default instead dequantizes element-wise and accumulates ``W * x`` in a
+``[BLOCK_N, BLOCK_K]``-sized fp32 tile, reduced once after the K loop (``reduce_at_end``; no
+cross-thread reduction per chunk). Which of the two is faster on the H200 is for
+``bench/int4_gemv.py --sweep`` to say. With ``SPLIT_K > 1`` each slice writes fp32 partials
+``[SPLIT_K, M, N]`` and a second pass (``torch.sum``) reduces them: deterministic, no atomics,
+no memset. Row strides are arguments (not derived from K) so Triton knows their alignment and
+reads the weights with 16-byte loads.
 """
 
 import torch
