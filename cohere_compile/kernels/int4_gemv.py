@@ -7,8 +7,9 @@ Weight layout (see ``ops/int4.py``): ``packed`` uint8 ``[N, K // 2]``, byte ``j`
 
 One program owns ``BLOCK_N`` output features and one of ``SPLIT_K`` slices of K. Per K-chunk it
 loads the bytes as a ``[BLOCK_N, BLOCK_K // G, G // 2]`` tile (rows contiguous along K), splits
-the nibbles and, for each of the M rows of x, reduces in fp32 without materialising W:
-``sum_k x W = sum_g s_g * sum_{k in g} x q + (z_g - 8 s_g) * sum_{k in g} x``.
+the nibbles (as ``c = 1 + q / 16``, see ``_nibble_code``) and, for each of the M rows of x,
+reduces in fp32 without materialising W:
+``sum_k x W = sum_g 16 s_g * sum_{k in g} x c + (z_g - 24 s_g) * sum_{k in g} x``.
 M is a compile-time constant (<= 16): x rows are few, so each gets a ``tl.sum`` (``tl.dot`` needs
 16 rows). For M = 1 the default instead dequantizes element-wise and accumulates ``W * x`` in a
 ``[BLOCK_N, BLOCK_K]``-sized fp32 tile, reduced once after the K loop (``reduce_at_end``; no
@@ -27,6 +28,14 @@ from . import next_pow2
 
 MAX_M = 16  # the op takes dequantize + matmul above this (prefill); see ops/int4.py
 TARGET_PROGRAMS = 512  # auto split-K aims for about this many programs (H200: 132 SMs, ~4 waves)
+
+
+@triton.jit
+def _nibble_code(q):
+    """0..15 -> the fp32 ``1 + q / 16``, built from bits (q into the top of 1.0's mantissa): no
+    int-to-float conversion, a quarter-rate instruction that would cap the kernel near half the
+    H200's bandwidth. ``(q - 8) * s + z == (1 + q / 16) * 16 s + (z - 24 s)``: one FMA per weight."""
+    return ((q.to(tl.int32) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -63,17 +72,19 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, strid
         g_ok = g_idx < k_groups  # the last chunk may be partial; chunks past K load nothing
         byte = g_idx[:, None] * H + offs_h[None, :]  # [NG, H] byte column within a row
         b = tl.load(w_rows + byte[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-        q_lo = (b & 15).to(tl.float32)  # k = 2 * byte
-        q_hi = (b >> 4).to(tl.float32)  # k = 2 * byte + 1
+        q_lo = _nibble_code(b & 15)  # 1 + q / 16 for k = 2 * byte
+        q_hi = _nibble_code(b >> 4)  # k = 2 * byte + 1
         sz_mask = n_ok[:, None] & g_ok[None, :]
         s = tl.load(s_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_rows + g_idx[None, :], mask=sz_mask, other=0.0).to(tl.float32)
-        z8 = z - 8.0 * s
+        z8 = z - 24.0 * s  # W = q_code * s + z8 with q_code = 1 + q / 16 and s scaled by 16 below
+        s = 16.0 * s
         if REDUCE_AT_END:
             xe, xo = _load_x_pairs(x_ptr, g_idx, g_ok, NG, GROUP)
             s3 = s[:, :, None]
             z3 = z8[:, :, None]
-            acc3 += (q_lo * s3 + z3) * xe[None, :, :] + (q_hi * s3 + z3) * xo[None, :, :]
+            acc3 += (q_lo * s3 + z3) * xe[None, :, :]  # two statements: two FMAs per weight
+            acc3 += (q_hi * s3 + z3) * xo[None, :, :]
         else:
             for m in tl.static_range(M):
                 xe, xo = _load_x_pairs(x_ptr + m * stride_xm, g_idx, g_ok, NG, GROUP)
