@@ -89,15 +89,16 @@ for m in (1, 4, 16):
         f.write(ptx)
     info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     result[m] = {"loads": re.findall(r"ld\.global[.\w]*", ptx), "ptxas": info.stderr + info.stdout,
-                 "rc": info.returncode}
+                 "rc": info.returncode, "int_to_float": re.findall(r"cvt\.rn\.f32\.[us]\d+", ptx)}
 print(json.dumps(result))
 """
 
 
 def test_kernel_compiles_for_sm90_with_vector_loads():
     """No GPU here, but Triton compiles for one: the kernel must lower to sm_90 PTX that reads the
-    packed weights with 16-byte loads (byte-wise loads would waste the bandwidth) and assemble
-    without register spills."""
+    packed weights with 16-byte loads (byte-wise loads would waste the bandwidth), convert nibbles
+    without int-to-float instructions (quarter rate: they would cap the kernel near half the
+    H200's bandwidth), and assemble without register spills."""
     import json
     import os
     import subprocess
@@ -112,6 +113,7 @@ def test_kernel_compiles_for_sm90_with_vector_loads():
         assert "ld.global.v4.b32" in r["loads"], (m, sorted(set(r["loads"])))
         assert "ld.global.b8" not in r["loads"] and "ld.global.u8" not in r["loads"], (m, sorted(set(r["loads"])))
         assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
+        assert not r["int_to_float"], (m, r["int_to_float"][:4])
 
 
 def test_auto_split_k_fills_the_gpu_only_when_needed():
