@@ -58,7 +58,8 @@ def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k,
                     reduce_at_end=reduce_at_end)
     assert out.dtype == dtype and out.shape == (m, n)
     err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
-    assert err < (1e-6 if dtype == torch.float32 else 8e-3), err
+    # fp32: the folded scale/zero sums lose a few bits (~1e-6 measured); a wrong nibble or group costs ~1e-1
+    assert err < (2e-5 if dtype == torch.float32 else 8e-3), err
 
 
 SM90_COMPILE = r"""
@@ -131,7 +132,17 @@ def test_op_handles_batched_and_noncontiguous_inputs(rows, monkeypatch):
     out = torch.ops.cohere.int4_linear(x, packed, scales, zeros, 64)
     assert out.shape == (*rows, 45)
     ref = reference_matmul(x.reshape(-1, 128), packed, scales, zeros, 64).view(*rows, 45)
-    assert rel_err(out, ref) < 1e-6
+    assert rel_err(out, ref) < 2e-5
+
+
+def test_op_gradient_reaches_the_input_only():
+    """The int4 weights are frozen; the input gets ``grad_out @ W`` (a frozen layer under trainable ones)."""
+    packed, scales, zeros = random_layer(24, 128, 32, torch.float32, seed=4)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    grad_out = torch.randn(2, 3, 24)
+    torch.ops.cohere.int4_linear(x, packed, scales, zeros, 32).backward(grad_out)
+    w = dequantize_int4(packed, scales, zeros, 32).double()
+    assert rel_err(x.grad, grad_out.double() @ w) < 1e-5
 
 
 def test_pack_unpack_layout_and_round_trip():

@@ -96,3 +96,21 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 @int4_linear.register_fake
 def _(x, packed, scales, zeros, group_size):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, scales, zeros, group_size = inputs
+    ctx.save_for_backward(packed, scales, zeros)
+    ctx.group_size, ctx.x_dtype = group_size, x.dtype
+
+
+def _backward(ctx, grad_out):
+    """Only ``x`` gets a gradient (the int4 weights are frozen): ``grad_x = grad_out @ W``, with W
+    dequantized whole (correct, not fast: enough for a frozen int4 layer under trainable ones)."""
+    packed, scales, zeros = ctx.saved_tensors
+    w = dequantize_int4(packed, scales, zeros, ctx.group_size)
+    grad_x = (grad_out.float() @ w).to(ctx.x_dtype)
+    return grad_x, None, None, None, None
+
+
+int4_linear.register_autograd(_backward, setup_context=_setup_context)
