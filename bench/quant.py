@@ -13,6 +13,8 @@ checkpointing as --gc says; tokens/s (median step) and peak memory.
 
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/quant.py                    # Aya-8B shapes, 32 layers
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/quant.py --layers 4 --skip-train
+    TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/quant.py --layers 4 --skip-train \
+        --variants bf16_generate,int4_generate,int4_triton_generate             # our int4 GEMV vs tinygemm
     PYTHONPATH=$PWD python bench/quant.py --tiny --device cpu --no-compile        # smoke test on CPU
 """
 
@@ -33,8 +35,9 @@ HBM_BYTES_PER_S = 4.09e12  # H200 device copy, measured (DESIGN.md)
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024, use_qk_norm=False, logit_scale=0.125)
 # int4_cohere: + our default passes (cc backend); *_generate: cc.optimize + cc.generate (our
-# paged cache and CUDA-graph decode step), decode steps only
-DECODE_VARIANTS = ("bf16", "int4", "int4_cohere", "bf16_generate", "int4_generate")
+# paged cache and CUDA-graph decode step), decode steps only; int4_triton_generate: the same with
+# cc.optimize(..., int4_kernel="triton") (our int4 GEMV instead of torchao's tinygemm)
+DECODE_VARIANTS = ("bf16", "int4", "int4_cohere", "bf16_generate", "int4_generate", "int4_triton_generate")
 # *_cohere: cc.optimize(regional, training rewrites, + fused loss) instead of plain torch.compile
 TRAIN_VARIANTS = ("bf16_lora", "qlora_nf4", "qlora_nf4_cohere")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -69,15 +72,16 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: everything but the embedding table (one row)."""
+    """Bytes of weights one decode step reads: everything but the embedding table (one row).
+    Buffers count too (Int4TritonLinear keeps its packed weights, scales and zeros there)."""
     embed = model.get_input_embeddings().weight
     seen, total = set(), 0
-    for p in model.parameters():
+    for p in list(model.parameters()) + list(model.buffers()):
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += embed.shape[1] * embed.element_size() if p is embed else tensor_bytes(p)
-    if model.get_output_embeddings().weight is embed:  # tied head: the whole table is read as the LM head
+    if getattr(model.get_output_embeddings(), "weight", None) is embed:  # tied head: the table is read as the head
         total += tensor_bytes(embed)
     return total
 
@@ -204,7 +208,9 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
                 import cohere_compile as cc
 
                 quantize = "int4" if variant.startswith("int4") else None
-                r = decode_generate(cc.optimize(model, quantize=quantize, group_size=args.group_size), args)
+                kernel = "triton" if variant.startswith("int4_triton") else "torchao"
+                r = decode_generate(cc.optimize(model, quantize=quantize, group_size=args.group_size,
+                                                int4_kernel=kernel), args)
                 print(f"decode {variant}: {r['tokens_per_s']:.1f} tok/s", flush=True)
                 return r
             if variant.startswith("int4"):
@@ -220,6 +226,9 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
     if all("tokens_per_s" in results.get(v, {}) for v in ("bf16_generate", "int4_generate")):
         results["int4_vs_bf16_generate"] = (results["int4_generate"]["tokens_per_s"]
                                             / results["bf16_generate"]["tokens_per_s"])
+    if all("tokens_per_s" in results.get(v, {}) for v in ("bf16_generate", "int4_triton_generate")):
+        results["int4_triton_vs_bf16_generate"] = (results["int4_triton_generate"]["tokens_per_s"]
+                                                   / results["bf16_generate"]["tokens_per_s"])
     return results
 
 
@@ -298,6 +307,9 @@ def table(res: dict) -> str:
             lines.append(f"int4 / bf16 = {d['int4_vs_bf16']:.2f}x (goal >= 2.2x), StaticCache loop")
         if "int4_vs_bf16_generate" in d:
             lines.append(f"int4 / bf16 = {d['int4_vs_bf16_generate']:.2f}x (goal >= 2.2x), cc.generate")
+        if "int4_triton_vs_bf16_generate" in d:
+            lines.append(f"int4 (our Triton GEMV) / bf16 = {d['int4_triton_vs_bf16_generate']:.2f}x (goal >= 2.2x), "
+                         f"cc.generate")
     if "train" in res:
         t = res["train"]
         a = res["args"]

@@ -18,6 +18,7 @@ from .generate import generate
 from .ops import UnsupportedInputError
 from .ops.cross_entropy import linear_cross_entropy
 from .passes import DEFAULT_PASSES, PASS_NAMES
+from .quant.int4_triton import Int4TritonLinear
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "SequenceTooLongError",
     "generate",
     "linear_cross_entropy",
+    "Int4TritonLinear",
 ]

@@ -13,6 +13,7 @@ from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
 from .passes.manager import validate_pass_names
+from .quant.int4_triton import INT4_KERNELS
 from .regional import compile_regions
 from .training_outputs import drop_training_logits
 
@@ -75,6 +76,7 @@ def optimize(
     fullgraph: bool = False,
     quantize: str | None = None,
     group_size: int = 128,
+    int4_kernel: str = "torchao",
     regional: bool = False,
     keep_training_logits: bool = False,
     training_rewrites: bool = False,
@@ -90,6 +92,8 @@ def optimize(
     ``quantize``: ``"int4"`` (torchao int4 weight-only, groups of ``group_size``; the LM head gets
     its own quantized copy, the embedding stays a lookup) or ``"nf4"`` (torchao NF4 base weights
     for QLoRA); applied in place before compiling, see ``cohere_compile.quant``.
+    ``int4_kernel`` (with ``quantize="int4"``): ``"torchao"`` (default) or ``"triton"``, which swaps
+    the same linears for ``Int4TritonLinear`` (our int4 GEMV for decode; opt-in, see quant/int4_triton.py).
     ``regional=True`` compiles one decoder layer and reuses it for all layers (plus the
     final norm and the LM head / loss region) instead of the whole model: compile time
     no longer grows with the number of layers. Recommended for training; see regional.py.
@@ -125,10 +129,14 @@ def optimize(
         hf_default.hooked_signature(base_model(model))  # an unsupported transformers release fails before compiling
     if group_size != 128 and quantize != "int4":
         raise ValueError(f"group_size={group_size} applies to quantize='int4' only (quantize={quantize!r})")
+    if int4_kernel not in INT4_KERNELS:
+        raise ValueError(f"int4_kernel={int4_kernel!r} is not supported; use one of {INT4_KERNELS}")
+    if int4_kernel != "torchao" and quantize != "int4":
+        raise ValueError(f"int4_kernel={int4_kernel!r} applies to quantize='int4' only (quantize={quantize!r})")
     if quantize is not None:
         from .quant import quantize_model
 
-        quantize_model(base_model(model), quantize, group_size=group_size)
+        quantize_model(base_model(model), quantize, group_size=group_size, int4_kernel=int4_kernel)
     options = CompileOptions(
         passes=validate_pass_names(DEFAULT_PASSES if passes is None else passes),
         dynamic=dynamic,

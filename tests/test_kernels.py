@@ -407,6 +407,8 @@ def _float64_calls():
         "paged_attention": lambda: ops.paged_attention(q[:, :, :1], pool, pool, table, lens, None, 1.0),
         "linear_cross_entropy": lambda: ops.linear_cross_entropy(x, torch.randn(5, 8, dtype=d), torch.tensor([0, 1, 2]),
                                                                  1.0, -100, "mean", True, True),
+        "int4_linear": lambda: ops.int4_linear(x, torch.zeros(5, 4, dtype=torch.uint8),
+                                              torch.ones(5, 1, dtype=d), torch.zeros(5, 1, dtype=d), 8),
     }
 
 

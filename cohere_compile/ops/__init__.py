@@ -5,7 +5,7 @@ kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``) and the plain-torch
 reference on CPU otherwise; each has a fake implementation for tracing.
 """
 
-from . import attention, cross_entropy, norm, paged, rope, swiglu  # noqa: F401  (registration side effects)
+from . import attention, cross_entropy, int4, norm, paged, rope, swiglu  # noqa: F401  (registration side effects)
 from ._dispatch import UnsupportedInputError
 
 OPS = {
@@ -18,6 +18,7 @@ OPS = {
     "paged_gather": paged.paged_gather,
     "paged_attention": paged.paged_attention,
     "linear_cross_entropy": cross_entropy.linear_cross_entropy_op,
+    "int4_linear": int4.int4_linear,
 }
 
 __all__ = ["OPS", "UnsupportedInputError"]

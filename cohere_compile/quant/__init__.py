@@ -2,12 +2,16 @@
 and the import of bitsandbytes 4-bit checkpoints into torchao NF4 (``bnb.py``)."""
 
 from .int4 import INT4_GROUP_SIZES, int4_config
+from .int4_triton import INT4_KERNELS, Int4TritonLinear, quantize_int4
 from .nf4 import nf4_weight
 from .quantize import QUANT_METHODS, is_quantized, quantize_model, untie_lm_head
 
 __all__ = [
     "QUANT_METHODS",
     "INT4_GROUP_SIZES",
+    "INT4_KERNELS",
+    "Int4TritonLinear",
+    "quantize_int4",
     "quantize_model",
     "untie_lm_head",
     "is_quantized",

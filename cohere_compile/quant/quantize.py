@@ -2,7 +2,8 @@
 
 The LM head is tied to the 256k-token embedding. int4 unties it first and quantizes a copy,
 so the embedding stays a plain lookup (quantizing the shared tensor would also quantize the
-lookup, and a wrongly quantized head makes a model emit only padding). NF4 (QLoRA) quantizes
+lookup, and a wrongly quantized head makes a model emit only padding). ``int4_kernel="triton"``
+swaps those linears for our ``Int4TritonLinear`` modules instead of torchao tensors. NF4 (QLoRA) quantizes
 the decoder layers' linears only; the head stays tied and in the model's dtype.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .int4 import int4_config
+from .int4 import INT4_GROUP_SIZES, int4_config
+from .int4_triton import INT4_KERNELS, Int4TritonLinear
 from .nf4 import nf4_weight
 
 QUANT_METHODS = ("int4", "nf4")
@@ -33,6 +35,18 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) is not torch.Tensor and type(weight) is not torch.nn.Parameter
 
 
+def _is_quantized_module(module: torch.nn.Module) -> bool:
+    return isinstance(module, Int4TritonLinear) or is_quantized(module.weight)
+
+
+def _replace(model: torch.nn.Module, module: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Put ``new`` wherever ``module`` sits in ``model`` (by identity, so any path works)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is module:
+                setattr(parent, child_name, new)
+
+
 def _decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     layers = model.get_decoder().layers
     return [(f"layers.{i}.{n}", m) for i, layer in enumerate(layers)
@@ -44,15 +58,21 @@ def _floating_weight(model: torch.nn.Module) -> torch.Tensor:
 
 
 def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, progress: bool | None = None,
-                   device: torch.device | str | None = None):
+                   device: torch.device | str | None = None, int4_kernel: str = "torchao"):
     """Quantize ``model`` (a ``CohereForCausalLM``) in place with ``method`` ("int4" or "nf4").
 
     ``progress``: show a per-layer progress bar (None: only on a terminal). ``device``: move each
     linear there just before quantizing it (so a checkpoint bigger than the GPU in full precision
     can be quantized onto it); the rest of the model stays where it is.
+    ``int4_kernel`` (int4 only): ``"torchao"`` (tinygemm on CUDA) or ``"triton"``
+    (``Int4TritonLinear``: our GEMV for decode, any float dtype, CPU and CUDA).
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"quantize={method!r} is not supported; use one of {QUANT_METHODS} or None")
+    if int4_kernel not in INT4_KERNELS:
+        raise ValueError(f"int4_kernel={int4_kernel!r} is not supported; use one of {INT4_KERNELS}")
+    if int4_kernel != "torchao" and method != "int4":
+        raise ValueError(f"int4_kernel={int4_kernel!r} applies to quantize='int4' only (quantize={method!r})")
     if model.get_output_embeddings() is None:
         raise TypeError(f"quantize={method!r} needs a causal-LM model with an LM head (CohereForCausalLM), "
                         f"got {type(model).__name__}")
@@ -62,7 +82,7 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
                          f"then add adapters with get_peft_model")
     linears = _decoder_linears(model)
     head = model.get_output_embeddings()
-    already = [name for name, m in linears + [("lm_head", head)] if is_quantized(m.weight)]
+    already = [name for name, m in linears + [("lm_head", head)] if _is_quantized_module(m)]
     if already:
         raise ValueError(f"quantize={method!r}: the model is already quantized ({already[0]}); "
                          f"load the unquantized weights instead of quantizing twice")
@@ -71,17 +91,28 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
         from torchao.quantization import quantize_
 
         weight = _floating_weight(model)
-        config = int4_config(torch.device(device) if device is not None else weight.device, weight.dtype, group_size)
+        if int4_kernel == "torchao":
+            config = int4_config(torch.device(device) if device is not None else weight.device, weight.dtype,
+                                 group_size)
+        elif group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quantize='int4': group_size={group_size} is not supported; use one of {INT4_GROUP_SIZES}")
         targets = linears + [("lm_head", head)]
         for name, module in targets:  # check everything before changing anything
             if module.in_features % group_size:
                 raise ValueError(f"quantize='int4': {name} has in_features={module.in_features}, not a multiple of "
                                  f"group_size={group_size}; pick a group_size that divides it")
+            if int4_kernel == "triton" and module.bias is not None:
+                raise ValueError(f"quantize='int4', int4_kernel='triton': {name} has a bias; only bias-free "
+                                 f"linears are supported")
         untie_lm_head(model)
         for name, module in tqdm(targets, desc="int4 quantize", unit="linear", disable=disable):
-            quantize_(module.to(device) if device is not None else module, config, filter_fn=None)
+            module = module.to(device) if device is not None else module
+            if int4_kernel == "triton":
+                _replace(model, module, Int4TritonLinear.from_linear(module, group_size))
+            else:
+                quantize_(module, config, filter_fn=None)
     else:
         for name, module in tqdm(linears, desc="nf4 quantize", unit="linear", disable=disable):
             module.weight = nf4_weight(module.weight if device is None else module.weight.to(device), name)
-    model._cohere_quantize = method
+    model._cohere_quantize = method if int4_kernel == "torchao" else f"{method}_{int4_kernel}"
     return model

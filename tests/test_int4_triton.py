@@ -1,0 +1,339 @@
+"""The opt-in int4 backend (``int4_kernel="triton"``): our packed layout, the Triton GEMV
+(through the interpreter on CPU) against a float64 reference, the quantization against torchao's
+tinygemm helpers, and ``cc.optimize(quantize="int4", int4_kernel="triton")`` on a tiny model.
+The GPU section at the end (``pytest -m gpu tests/test_int4_triton.py``) runs Aya-8B shapes."""
+
+import re
+
+import pytest
+import torch
+import transformers
+
+import cohere_compile as cc
+from cohere_compile.kernels.int4_gemv import MAX_M, auto_split_k, int4_gemv
+from cohere_compile.ops import int4 as int4_ops
+from cohere_compile.ops.int4 import dequantize_int4, pack_int4, unpack_int4
+from cohere_compile.passes import PASS_NAMES
+from cohere_compile.quant import Int4TritonLinear, is_quantized, quantize_int4, quantize_model
+from conftest import make_model, padded_inputs, rel_err, tiny_config
+
+GROUP = 32  # tiny hidden 64 / intermediate 96: the group must divide every in_features
+FULL = {"qk_norm_rope": 2, "attention": 2, "paged_attention": 0, "swiglu": 2, "layer_norm": 3,
+        "linear_cross_entropy": 0}  # the unquantized model's counts (test_quant.py)
+LINEARS = 7
+
+
+def reference_matmul(x, packed, scales, zeros, group_size):
+    """float64 ``x @ W^T`` with W rebuilt nibble by nibble from the documented layout."""
+    n, half = packed.shape
+    p = packed.long()
+    q = torch.empty(n, 2 * half, dtype=torch.float64)
+    q[:, 0::2] = (p % 16).double()  # low nibble: even k
+    q[:, 1::2] = (p // 16).double()  # high nibble: odd k
+    g = torch.arange(2 * half) // group_size
+    w = (q - 8) * scales.double()[:, g] + zeros.double()[:, g]
+    return x.double() @ w.t()
+
+
+def random_layer(n, k, group_size, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05 + torch.rand(n, 1, generator=g) * 0.02).to(dtype)  # rows off zero
+    return quantize_int4(w, group_size)
+
+
+@pytest.mark.parametrize("m,n,k,group_size,split_k,block_k,dtype,reduce_at_end", [
+    (1, 37, 192, 32, 1, 64, torch.float32, None),  # N not a multiple of BLOCK_N, K a partial last chunk
+    (1, 37, 192, 32, 1, 64, torch.float32, False),  # M = 1 through the per-chunk reduction
+    (3, 50, 256, 64, 1, 128, torch.float32, None),
+    (3, 50, 256, 64, 3, 64, torch.float32, None),  # split-K, 4 chunks over 3 slices (last slice shorter)
+    (1, 70, 384, 128, None, 128, torch.bfloat16, None),  # auto split-K (few column blocks: split)
+    (1, 70, 384, 128, 2, 128, torch.bfloat16, False),
+    (3, 21, 256, 32, 2, 128, torch.bfloat16, None),
+    (16, 19, 128, 64, 1, 512, torch.float32, None),  # M at the kernel's limit; block_k capped at K
+])
+def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k, dtype, reduce_at_end):
+    packed, scales, zeros = random_layer(n, k, group_size, dtype)
+    x = torch.randn(m, k).to(dtype)
+    out = int4_gemv(x, packed, scales, zeros, group_size, block_n=16, block_k=block_k, split_k=split_k,
+                    reduce_at_end=reduce_at_end)
+    assert out.dtype == dtype and out.shape == (m, n)
+    err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
+    # fp32: the folded scale/zero sums lose a few bits (~1e-6 measured); a wrong nibble or group costs ~1e-1
+    assert err < (2e-5 if dtype == torch.float32 else 8e-3), err
+
+
+SM90_COMPILE = r"""
+import inspect, json, re, subprocess, sys, tempfile, os
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cohere_compile.kernels.int4_gemv import int4_gemv, int4_gemv_kernel
+
+default = {k: p.default for k, p in inspect.signature(int4_gemv).parameters.items()}  # what the launcher launches
+
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+result = {}
+for m in (1, 4, 16):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32",
+           "stride_os": "i32", "CHUNKS_PER_SPLIT": "i32"}
+    const = dict(M=m, BLOCK_M=triton.next_power_of_2(m), GROUP=128, BLOCK_N=default["block_n"],
+                 BLOCK_K=default["block_k"], REDUCE_AT_END=m == 1)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    # what the launcher's specialization gives at Aya shapes: pointers and sizes divisible by 16
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:12]}
+    src = ASTSource(fn=int4_gemv_kernel, signature=sig, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": default["num_warps"], "num_stages": default["num_stages"]}).asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    result[m] = {"loads": re.findall(r"ld\.global[.\w]*", ptx), "ptxas": info.stderr + info.stdout,
+                 "rc": info.returncode, "int_to_float": re.findall(r"cvt\.rn\.f32\.[us]\d+", ptx)}
+print(json.dumps(result))
+"""
+
+
+def test_kernel_compiles_for_sm90_with_vector_loads():
+    """No GPU here, but Triton compiles for one: the kernel must lower to sm_90 PTX that reads the
+    packed weights with 16-byte loads (byte-wise loads would waste the bandwidth), convert nibbles
+    without int-to-float instructions (quarter rate: they would cap the kernel near half the
+    H200's bandwidth), and assemble without register spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # @triton.jit gives real JIT functions only without it
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for m, r in result.items():
+        assert r["rc"] == 0, r["ptxas"]
+        assert "ld.global.v4.b32" in r["loads"], (m, sorted(set(r["loads"])))
+        assert "ld.global.b8" not in r["loads"] and "ld.global.u8" not in r["loads"], (m, sorted(set(r["loads"])))
+        assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
+        assert not r["int_to_float"], (m, r["int_to_float"][:4])
+
+
+def test_auto_split_k_fills_the_gpu_only_when_needed():
+    assert auto_split_k(n_blocks=64, chunks=8) == 8  # k/v proj at Aya shapes: N=1024 / 16, K=4096 / 512
+    assert auto_split_k(n_blocks=896, chunks=8) == 1  # gate/up: N=14336 already gives 896 programs
+    assert auto_split_k(n_blocks=256, chunks=28) == 2  # down: N=4096, K=14336
+    assert auto_split_k(n_blocks=1, chunks=3) == 3  # never more slices than chunks
+
+
+@pytest.mark.parametrize("rows", [(2, 5), (17,)])  # 10 rows: the kernel; 17: dequantize + matmul in the op
+def test_op_handles_batched_and_noncontiguous_inputs(rows, monkeypatch):
+    monkeypatch.setattr(int4_ops, "DEQUANT_ROWS", 16)  # the large-M path in 3 slices of output features
+    packed, scales, zeros = random_layer(45, 128, 64, torch.float32, seed=1)
+    x = torch.randn(*rows, 256)[..., ::2]  # non-contiguous
+    out = torch.ops.cohere.int4_linear(x, packed, scales, zeros, 64)
+    assert out.shape == (*rows, 45)
+    ref = reference_matmul(x.reshape(-1, 128), packed, scales, zeros, 64).view(*rows, 45)
+    assert rel_err(out, ref) < 2e-5
+
+
+def test_op_gradient_reaches_the_input_only():
+    """The int4 weights are frozen; the input gets ``grad_out @ W`` (a frozen layer under trainable ones)."""
+    packed, scales, zeros = random_layer(24, 128, 32, torch.float32, seed=4)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    grad_out = torch.randn(2, 3, 24)
+    torch.ops.cohere.int4_linear(x, packed, scales, zeros, 32).backward(grad_out)
+    w = dequantize_int4(packed, scales, zeros, 32).double()
+    assert rel_err(x.grad, grad_out.double() @ w) < 1e-5
+
+
+def test_pack_unpack_layout_and_round_trip():
+    q = torch.randint(0, 16, (7, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 32)
+    assert int(packed[3, 5]) == int(q[3, 10]) + 16 * int(q[3, 11])  # even k low nibble, odd k high
+    assert torch.equal(unpack_int4(packed), q)
+    every_byte = torch.arange(256, dtype=torch.uint8).view(4, 64)
+    assert torch.equal(pack_int4(unpack_int4(every_byte)), every_byte)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_quantization_is_tinygemm_math_bit_for_bit(dtype, group_size):
+    from torchao.quantization.quant_primitives import (MappingType, _choose_qparams_affine_tinygemm,
+                                                       _quantize_affine_tinygemm)
+
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    packed, scales, zeros = quantize_int4(w, group_size)
+    block = (1, group_size)
+    s, z = _choose_qparams_affine_tinygemm(w, MappingType.ASYMMETRIC, block, torch.int32, 0, 15)
+    q = _quantize_affine_tinygemm(w, block, s, z, torch.int32, 0, 15)
+    assert torch.equal(scales, s.view(24, -1)) and torch.equal(zeros, z.view(24, -1))
+    assert torch.equal(unpack_int4(packed).int(), q)
+    # and the dequantized weights sit within 4-bit error of the originals (random normal, 16 levels)
+    err = rel_err(dequantize_int4(packed, scales, zeros, group_size), w)
+    assert 0.03 < err < 0.15, err
+
+
+def triton_linears(model):
+    return [m for m in model.modules() if isinstance(m, Int4TritonLinear)]
+
+
+def dequantized_reference(qmodel, cfg, dtype):
+    """A plain HF model holding the Int4TritonLinear layers' dequantized weights (untied head)."""
+    ref = make_model(cfg, dtype)
+    ref.config.tie_word_embeddings = False
+    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
+    with torch.no_grad():
+        for name, module in qmodel.named_modules():
+            if isinstance(module, Int4TritonLinear):
+                ref.get_submodule(name).weight.copy_(module.dequantized_weight())
+        for name, p in qmodel.named_parameters():
+            ref.get_parameter(name).copy_(p)
+    return ref
+
+
+def logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_bf16_model_swaps_every_linear_and_stays_within_4bit_error():
+    """Eager (uncompiled) bf16: the head is its own int4 copy, the embedding a plain lookup."""
+    cfg = tiny_config(False, 2)
+    model, original = make_model(cfg, torch.bfloat16), make_model(cfg, torch.bfloat16)
+    ids, am = padded_inputs(seq=7)  # 14 rows: the GEMV kernel, not the large-M path
+    quantize_model(model, "int4", group_size=GROUP, int4_kernel="triton")
+    assert len(triton_linears(model)) == LINEARS * cfg.num_hidden_layers + 1
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, Int4TritonLinear) and model.config.tie_word_embeddings is False
+    emb = model.model.embed_tokens.weight
+    assert type(emb) is torch.nn.Parameter and torch.equal(emb, original.model.embed_tokens.weight)
+    model.tie_weights()  # HF must not re-tie (there is no head weight to tie)
+    assert isinstance(model.lm_head, Int4TritonLinear)
+    keep = am.bool()
+    out = logits(model, input_ids=ids, attention_mask=am)
+    deq = logits(dequantized_reference(model, cfg, torch.bfloat16), input_ids=ids, attention_mask=am)
+    assert rel_err(out[keep], deq[keep]) < 1e-2  # the reference rounds dequantized weights to bf16
+    err = rel_err(out[keep], logits(original, input_ids=ids, attention_mask=am)[keep])
+    assert 0.02 < err < 0.3, err  # 4-bit weights, groups of 32 (weight error ~0.1)
+
+
+def test_optimize_triton_int4_rewrites_matches_and_generates():
+    """fp32, compiled: exact rewrite counts, logits as the dequantized model, cc.generate compiled
+    gives the tokens of the eager path, which are those of the dequantized model's HF generate."""
+    cfg = tiny_config(False, 2)
+    model = make_model(cfg)
+    ids, am = padded_inputs(seq=7)
+    assert cc.optimize(model, quantize="int4", int4_kernel="triton", group_size=GROUP, passes=PASS_NAMES) is model
+    assert len(triton_linears(model)) == LINEARS * cfg.num_hidden_layers + 1
+    ref = dequantized_reference(model, cfg, torch.float32)
+    keep = am.bool()
+    assert rel_err(logits(model, input_ids=ids, attention_mask=am)[keep],
+                   logits(ref, input_ids=ids, attention_mask=am)[keep]) < 1e-5
+    explanation = cc.explain(model, ids, attention_mask=am)
+    assert explanation.matches == FULL, str(explanation)
+    assert explanation.graph_breaks == 0, explanation.break_reasons
+
+    prompts = [[5, 9, 33, 7], [11, 3, 60]]
+    eager = cc.generate(model, prompts, 6, stop_tokens=(), compiled=False)
+    assert cc.generate(model, prompts, 6, stop_tokens=()) == eager
+    prompt = torch.tensor([prompts[0]])
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = ref.generate(prompt, **greedy)
+    assert torch.equal(want[0, 4:], torch.tensor(eager[0]))
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = make_model(tiny_config(False, 2))
+    with pytest.raises(ValueError, match="int4_kernel='cuda' is not supported"):
+        cc.optimize(model, quantize="int4", int4_kernel="cuda")
+    with pytest.raises(ValueError, match="int4_kernel='triton' applies to quantize='int4' only"):
+        cc.optimize(model, int4_kernel="triton")
+    with pytest.raises(ValueError, match="int4_kernel='triton' applies to quantize='int4' only"):
+        quantize_model(model, "nf4", int4_kernel="triton")
+    with pytest.raises(ValueError, match="group_size=48 is not supported"):
+        quantize_model(model, "int4", group_size=48, int4_kernel="triton")
+    with pytest.raises(ValueError, match="in_features=64, not a multiple of group_size=128"):
+        quantize_model(model, "int4", group_size=128, int4_kernel="triton")
+    assert not triton_linears(model) and model.lm_head.weight is model.model.embed_tokens.weight  # untouched
+    with pytest.raises(ValueError, match="has a bias"):
+        Int4TritonLinear.from_linear(torch.nn.Linear(64, 8, bias=True), 32)
+    quantize_model(model, "int4", group_size=GROUP, int4_kernel="triton")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, "int4", group_size=GROUP)
+
+    packed, scales, zeros = random_layer(8, 64, 32, torch.float32)
+    op = torch.ops.cohere.int4_linear
+    with pytest.raises(ValueError, match="x has 48 features, the weight has in_features=64"):
+        op(torch.randn(1, 48), packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match=r"scales must be floating \[N, K // group_size\] = \(8, 1\)"):
+        op(torch.randn(1, 64), packed, scales, zeros, 64)
+    with pytest.raises(ValueError, match="packed must be uint8"):
+        op(torch.randn(1, 64), packed.to(torch.int8), scales, zeros, 32)
+    with pytest.raises(cc.UnsupportedInputError, match="dtype torch.float64 is not supported"):
+        op(torch.randn(1, 64, dtype=torch.float64), packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match=f"takes 1..{MAX_M}"):
+        int4_gemv(torch.randn(MAX_M + 1, 64), packed, scales, zeros, 32)
+    with pytest.raises(ValueError, match="reduce_at_end=True needs M == 1"):
+        int4_gemv(torch.randn(2, 64), packed, scales, zeros, 32, reduce_at_end=True)
+    with pytest.raises(ValueError, match="block_n=24 must be a power of two"):
+        int4_gemv(torch.randn(1, 64), packed, scales, zeros, 32, block_n=24)
+    with pytest.raises(ValueError, match="values must be integers in 0..15"):
+        pack_int4(torch.full((2, 4), 16))
+
+
+# ---- GPU (H200): pytest -m gpu tests/test_int4_triton.py ----------------------------------------
+
+AYA = [(1024, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (256000, 4096)]  # (N, K) of Aya-8B
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", AYA)
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_kernel_at_aya_shapes(n, k, m):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    packed, scales, zeros = quantize_int4(w, 128)
+    x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, 128).double().t()
+    for split_k, reduce_at_end in ((None, None), (1, None), (4, None), (None, False)):  # False: M = 1 per-chunk form
+        out = int4_gemv(x, packed, scales, zeros, 128, split_k=split_k, reduce_at_end=reduce_at_end)
+        err = rel_err(out, ref)
+        assert out.dtype == torch.bfloat16 and err < 8e-3, (split_k, reduce_at_end, err)
+
+
+@pytest.mark.gpu
+def test_gpu_op_large_m_and_tinygemm_agree():
+    """The op's large-M path, and our layer against torchao's tinygemm layer of the same weight
+    (same quantization math: outputs agree to bf16 rounding)."""
+    from torchao.quantization import quantize_
+
+    from cohere_compile.quant import int4_config
+
+    linear = torch.nn.Linear(4096, 1024, bias=False, device="cuda", dtype=torch.bfloat16)
+    ours = Int4TritonLinear.from_linear(linear, 128)
+    quantize_(linear, int4_config(torch.device("cuda"), torch.bfloat16, 128))
+    for m in (1, 7, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ ours.dequantized_weight().double().t()
+        out = ours(x)
+        assert rel_err(out, ref) < 8e-3, (m, rel_err(out, ref))
+        assert rel_err(out, linear(x)) < 1.5e-2, (m, rel_err(out, linear(x)))
+
+
+@pytest.mark.gpu
+def test_gpu_optimize_triton_int4_generate():
+    """bf16: logits as the dequantized model; fp32 (no rounding noise to flip a greedy pick):
+    cc.generate compiled (CUDA graphs) gives the eager path's tokens."""
+    cfg = transformers.CohereConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                    eos_token_id=2)
+    model = make_model(cfg, torch.bfloat16).cuda()
+    cc.optimize(model, quantize="int4", int4_kernel="triton", group_size=128)
+    ref = dequantized_reference(model, cfg, torch.bfloat16).cuda()
+    ids = torch.randint(3, 1024, (1, 9), device="cuda")
+    assert rel_err(logits(model, input_ids=ids), logits(ref, input_ids=ids)) < 2e-2
+    model = make_model(cfg, torch.float32).cuda()
+    cc.optimize(model, quantize="int4", int4_kernel="triton", group_size=128)
+    prompts = [[5, 9, 33, 7, 100], [11, 3, 60]]
+    tokens = cc.generate(model, prompts, 16, stop_tokens=())
+    assert tokens == cc.generate(model, prompts, 16, stop_tokens=(), compiled=False)
