@@ -25,13 +25,14 @@ stage() {
     tests) python3 -m pytest -q -m gpu tests -rfE ;;
     train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
     train-qlora) python3 bench/quant.py --skip-decode --out quant_aya-8b_L32_train.json ;;
-    quant) python3 bench/quant.py --skip-train --variants bf16,int4,bf16_generate,int4_generate \
+    quant) python3 bench/quant.py --skip-train --variants bf16_generate,int4_generate,int4_triton_generate \
              --out quant_aya-8b_L32_decode.json ;;
     decode-b1) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours --tag _b1 ;;
     decode-b1-hf) python3 bench/decode.py --layers 32 --workloads b1 --peers hf_eager,hf_static,loop --tag _b1_hf ;;
     decode-ragged) python3 bench/decode.py --layers 32 --workloads ragged --peers loop,ours --tag _ragged ;;
     hf-generate) python3 bench/hf_generate.py --layers 32 --batch 1 --repeats 2 ;;
     paged-kernel) python3 bench/paged_kernel.py ;;
+    int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
     prefill) python3 bench/prefill.py --ablation ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
