@@ -118,6 +118,24 @@ def cohere_cudagraph_backend():
     return backend
 
 
+def decode_result(model, args, step_ms_runs: list[float], first_run_s: float, tokens: torch.Tensor) -> dict:
+    """One decode variant's numbers: median step against the floor (weights read per step +
+    the KV cache at the mean position, at HBM_BYTES_PER_S), and the tokens' head."""
+    B, P, N = args.batch, args.prompt, args.new_tokens
+    step_s = statistics.median(step_ms_runs) / 1e3
+    cfg = model.config
+    kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+                * (P + N / 2) * B * 2)
+    w_bytes = weight_bytes_per_token(model)
+    floor_s = (w_bytes + kv_bytes) / HBM_BYTES_PER_S
+    return {
+        "tokens_per_s": B / step_s, "step_ms": step_s * 1e3, "first_run_s": first_run_s, "step_ms_runs": step_ms_runs,
+        "weight_gb_per_step": w_bytes / 1e9, "kv_gb_per_step": kv_bytes / 1e9,
+        "floor_tokens_per_s": B / floor_s, "fraction_of_floor": floor_s / step_s,
+        "pad_only": bool((tokens == cfg.pad_token_id).all()), "tokens_head": tokens[0, :8].tolist(),
+    }
+
+
 def decode(model, args, cohere: bool = False) -> dict:
     from transformers import StaticCache
 
@@ -153,19 +171,7 @@ def decode(model, args, cohere: bool = False) -> dict:
     for _ in range(args.repeats):
         s, tokens = run()
         times.append(s)
-    step_s = statistics.median(times) / (N - 1)
-    cfg = model.config
-    kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-                * (P + N / 2) * B * 2)
-    w_bytes = weight_bytes_per_token(model)
-    floor_s = (w_bytes + kv_bytes) / HBM_BYTES_PER_S
-    return {
-        "tokens_per_s": B / step_s, "step_ms": step_s * 1e3, "first_run_s": first.s,
-        "step_ms_runs": [t / (N - 1) * 1e3 for t in times],
-        "weight_gb_per_step": w_bytes / 1e9, "kv_gb_per_step": kv_bytes / 1e9,
-        "floor_tokens_per_s": B / floor_s, "fraction_of_floor": floor_s / step_s,
-        "pad_only": bool((tokens == cfg.pad_token_id).all()), "tokens_head": tokens[0, :8].tolist(),
-    }
+    return decode_result(model, args, [t / (N - 1) * 1e3 for t in times], first.s, tokens)
 
 
 def decode_generate(model, args) -> dict:
@@ -182,18 +188,7 @@ def decode_generate(model, args) -> dict:
         stats = {}
         tokens = torch.tensor(cc.generate(model, prompts, N, stop_tokens=(), stats=stats))
         step_ms.append(1e3 * stats["decode_s"] / stats["decode_steps"])
-    step_s = statistics.median(step_ms) / 1e3
-    cfg = model.config
-    kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-                * (P + N / 2) * B * 2)
-    w_bytes = weight_bytes_per_token(model)
-    floor_s = (w_bytes + kv_bytes) / HBM_BYTES_PER_S
-    return {
-        "tokens_per_s": B / step_s, "step_ms": step_s * 1e3, "first_run_s": first.s, "step_ms_runs": step_ms,
-        "weight_gb_per_step": w_bytes / 1e9, "kv_gb_per_step": kv_bytes / 1e9,
-        "floor_tokens_per_s": B / floor_s, "fraction_of_floor": floor_s / step_s,
-        "pad_only": bool((tokens == cfg.pad_token_id).all()), "tokens_head": tokens[0, :8].tolist(),
-    }
+    return decode_result(model, args, step_ms, first.s, tokens)
 
 
 def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
