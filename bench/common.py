@@ -147,3 +147,27 @@ def cuda_graph_time_s(fn, calls: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / calls)
     return statistics.median(times)
+
+
+def paged_attention_inputs(lengths, kv_heads: int, heads: int, head_dim: int, device="cuda", block_size: int = 256,
+                           bool_mask: bool = False):
+    """Arguments of ``cohere::paged_attention`` for one decode step of sequences of ``lengths``:
+    random bf16 pools whose blocks are handed out in random order, the block table, the
+    lengths, one query token per sequence and a mask hiding positions past each length
+    (additive bf16, as ``cc.generate`` passes it, or bool). -> (args, K/V bytes it must read)."""
+    bs = block_size
+    rows, max_blocks = len(lengths), -(-max(lengths) // bs)
+    n_blocks = sum(-(-n // bs) for n in lengths)
+    k_pool = torch.randn(n_blocks, kv_heads, bs, head_dim, dtype=torch.bfloat16, device=device)
+    v_pool = torch.randn_like(k_pool)
+    table = torch.full((rows, max_blocks), -1, dtype=torch.int32)
+    free = torch.randperm(n_blocks).tolist()
+    for r, n in enumerate(lengths):
+        for j in range(-(-n // bs)):
+            table[r, j] = free.pop()
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    q = torch.randn(rows, heads, 1, head_dim, dtype=torch.bfloat16, device=device)
+    visible = torch.arange(max_blocks * bs, device=device)[None] < lens[:, None]
+    mask = visible if bool_mask else torch.where(visible, 0.0, float("-inf")).to(torch.bfloat16)
+    kv_bytes = sum(lengths) * 2 * kv_heads * head_dim * 2
+    return (q, k_pool, v_pool, table.to(device), lens, mask[:, None, None], head_dim ** -0.5), kv_bytes

@@ -32,8 +32,8 @@ import time
 import torch
 
 import cohere_compile as cc
-from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_time_s, environment, sync,
-                          write_json)
+from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_time_s, environment,
+                          paged_attention_inputs, sync, write_json)
 
 
 # cc.generate variants: Inductor options on top of its defaults. ``ours_frozen``: Inductor
@@ -121,25 +121,10 @@ def floor_tokens_per_s(model, lengths, new_tokens, bandwidth_gbs):
 def kernel_bandwidth(model, lengths, bandwidth_gbs, device):
     """One layer's paged_attention alone: achieved GB/s of the K/V bytes it must read."""
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    bs = 256
-    rows = len(lengths)
-    max_blocks = -(-max(lengths) // bs)
-    n_blocks = sum(-(-n // bs) for n in lengths)
-    k_pool = torch.randn(n_blocks, cfg.num_key_value_heads, bs, head_dim, dtype=torch.bfloat16, device=device)
-    v_pool = torch.randn_like(k_pool)
-    table = torch.full((rows, max_blocks), -1, dtype=torch.int32)
-    perm = torch.randperm(n_blocks).tolist()
-    for r, n in enumerate(lengths):
-        for j in range(-(-n // bs)):
-            table[r, j] = perm.pop()
-    table = table.to(device)
-    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    q = torch.randn(rows, cfg.num_attention_heads, 1, head_dim, dtype=torch.bfloat16, device=device)
-    mask = (torch.arange(max_blocks * bs, device=device)[None] < lens[:, None])[:, None, None]
-    fn = lambda: torch.ops.cohere.paged_attention(q, k_pool, v_pool, table, lens, mask, head_dim ** -0.5)  # noqa: E731
+    args, kv_bytes = paged_attention_inputs(lengths, cfg.num_key_value_heads, cfg.num_attention_heads,
+                                            cfg.hidden_size // cfg.num_attention_heads, device, bool_mask=True)
+    fn = lambda: torch.ops.cohere.paged_attention(*args)  # noqa: E731
     t = cuda_graph_time_s(fn)  # as it runs inside the decode step: no launch overhead
-    kv_bytes = sum(lengths) * 2 * cfg.num_key_value_heads * head_dim * 2
     return {"median_us": t * 1e6, "kv_bytes": kv_bytes, "gbs": kv_bytes / t / 1e9,
             "fraction_of_copy": kv_bytes / t / 1e9 / bandwidth_gbs}
 

@@ -13,27 +13,9 @@ import itertools
 
 import torch
 
-from bench.common import copy_bandwidth_gbs, cuda_graph_time_s, environment, write_json
+from bench.common import copy_bandwidth_gbs, cuda_graph_time_s, environment, paged_attention_inputs, write_json
 from cohere_compile.kernels import empty_heads_like
 from cohere_compile.kernels.paged import paged_decode_attention
-
-
-def setup(lengths, bs=256, hkv=8, h=32, d=128):
-    rows, max_blocks = len(lengths), -(-max(lengths) // bs)
-    n_blocks = sum(-(-n // bs) for n in lengths)
-    k_pool = torch.randn(n_blocks, hkv, bs, d, dtype=torch.bfloat16, device="cuda")
-    v_pool = torch.randn_like(k_pool)
-    table = torch.full((rows, max_blocks), -1, dtype=torch.int32)
-    free = torch.randperm(n_blocks).tolist()
-    for r, n in enumerate(lengths):
-        for j in range(-(-n // bs)):
-            table[r, j] = free.pop()
-    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    q = torch.randn(rows, h, 1, d, dtype=torch.bfloat16, device="cuda")
-    mask = torch.where(torch.arange(max_blocks * bs, device="cuda")[None] < lens[:, None], 0.0, float("-inf"))
-    mask = mask.to(torch.bfloat16)[:, None, None]
-    kv_bytes = sum(lengths) * 2 * hkv * d * 2
-    return (q, k_pool, v_pool, table.cuda(), lens, mask, d ** -0.5), kv_bytes
 
 
 def main():
@@ -41,7 +23,7 @@ def main():
     workloads = {"b1": [640], "ragged32": [round(100 + i * 1900 / 31) + 64 for i in range(32)]}
     rows = []
     for name, lengths in workloads.items():
-        args, kv_bytes = setup(lengths)
+        args, kv_bytes = paged_attention_inputs(lengths, kv_heads=8, heads=32, head_dim=128)
         out = empty_heads_like(args[0])
         for block_n, warps, stages, target in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (1024, 4096)):
             try:
