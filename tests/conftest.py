@@ -48,6 +48,20 @@ def make_model(cfg, dtype: torch.dtype = torch.float32, seed: int = 0):
     return model.to(dtype).eval()
 
 
+def with_weights_of(ref, qmodel, dequantize):
+    """``ref`` (a plain HF model of ``qmodel``'s config) holding ``qmodel``'s weights, the 4-bit
+    ones through ``dequantize``; its LM head untied as the quantized model's is."""
+    from cohere_compile.quant import is_quantized
+
+    ref.config.tie_word_embeddings = qmodel.config.tie_word_embeddings
+    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
+    qparams = dict(qmodel.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(dequantize(qparams[name]) if is_quantized(qparams[name]) else qparams[name])
+    return ref
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm()).item()

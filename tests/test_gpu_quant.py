@@ -8,7 +8,7 @@ import transformers
 
 import cohere_compile as cc
 from cohere_compile.quant import is_quantized, quantize_model
-from conftest import padded_inputs, rel_err
+from conftest import make_model, padded_inputs, rel_err, with_weights_of
 
 pytestmark = pytest.mark.gpu
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -22,13 +22,7 @@ def gpu_config(use_qk_norm=False):
 
 
 def gpu_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.CohereForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                torch.nn.init.normal_(p, 1.0, 0.1)
-    return model.to("cuda", torch.bfloat16).eval()
+    return make_model(cfg, torch.bfloat16, seed).cuda()
 
 
 def dequantized(w: torch.Tensor) -> torch.Tensor:
@@ -40,14 +34,7 @@ def dequantized(w: torch.Tensor) -> torch.Tensor:
 
 
 def dequantized_reference(qmodel, cfg):
-    ref = gpu_model(cfg)
-    ref.config.tie_word_embeddings = qmodel.config.tie_word_embeddings
-    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
-    q = dict(qmodel.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(dequantized(q[name]) if is_quantized(q[name]) else q[name])
-    return ref
+    return with_weights_of(gpu_model(cfg), qmodel, dequantized)
 
 
 def logits(model, **inputs):

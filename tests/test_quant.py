@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 import cohere_compile as cc
 from cohere_compile.quant import int4_config, is_quantized, quantize_model
 from cohere_compile.passes import PASS_NAMES
-from conftest import make_model, padded_inputs, rel_err, tiny_config
+from conftest import make_model, padded_inputs, rel_err, tiny_config, with_weights_of
 
 GROUP = 32  # tiny hidden size 64: the int4 group must divide every in_features
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -29,14 +29,7 @@ def quantized_linears(model):
 
 def dequantized_reference(qmodel, cfg, dtype):
     """A plain HF model holding the quantized model's dequantized weights (untied head)."""
-    ref = make_model(cfg, dtype)
-    ref.config.tie_word_embeddings = qmodel.config.tie_word_embeddings
-    ref.lm_head.weight = torch.nn.Parameter(ref.lm_head.weight.detach().clone())
-    qparams = dict(qmodel.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            p.copy_(dequantized(qparams[name]) if is_quantized(qparams[name]) else qparams[name])
-    return ref
+    return with_weights_of(make_model(cfg, dtype), qmodel, dequantized)
 
 
 def weight_error(qmodel, model_ref) -> float:
