@@ -94,17 +94,19 @@ class RegionalHead:
         self.head, self.compiled_forward = head, compiled_forward
         self.signature = inspect.signature(type(head).forward)
         self.__signature__ = inspect.signature(compiled_forward)  # HF Trainer reads forward's signature
+        # read once: the backbone's named parameters and the name of the head's **kwargs
+        self.backbone_params = set(inspect.signature(type(head.model).forward).parameters) - {"self", "kwargs"}
+        self.var_kwargs = next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
 
     def backbone_arguments(self, args, kwargs) -> dict:
         """What HF's ``CohereForCausalLM.forward`` passes to ``self.model``: the backbone's own
         named parameters, plus the extra ``**kwargs`` (``labels`` / ``logits_to_keep`` stay)."""
         bound = self.signature.bind(self.head, *args, **kwargs).arguments
-        body = inspect.signature(type(self.head.model).forward).parameters
-        extra = dict(bound.get(next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {}))
+        extra = dict(bound.get(self.var_kwargs, {}))
         # HF's @can_return_tuple takes return_dict off before the forward runs: its backbone
         # call never sees it (and must return a ModelOutput, not a tuple)
         extra.pop("return_dict", None)
-        return {**{n: v for n, v in bound.items() if n in body and n not in ("self", "kwargs")}, **extra}
+        return {**{n: v for n, v in bound.items() if n in self.backbone_params}, **extra}
 
     def __call__(self, *args, **kwargs):
         slot = self.head.model.forward
