@@ -15,7 +15,7 @@ export TRITON_INTERPRET=0 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/h200_logs}
 mkdir -p "$OUT"
 START_MARK=$(mktemp)
-if ls .whl/*.whl > /dev/null 2>&1; then
+if ls .whl/*.whl > /dev/null 2>&1 && [ ! -d /tmp/site/torchao ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 LIMIT=${LIMIT:-570}  # seconds per stage

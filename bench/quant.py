@@ -266,11 +266,14 @@ def train(model, args, cohere: bool = False) -> dict:
             "peak_gb": peak, "loss": loss.item(), "step_ms_runs": [t * 1e3 for t in times]}
 
 
-def bench_train(args) -> dict:
+def bench_train(args, results: dict, save) -> dict:
     from cohere_compile.quant import quantize_model
 
-    results = {}
-    for variant in TRAIN_VARIANTS:
+    variants = args.train_variants.split(",") if args.train_variants else TRAIN_VARIANTS
+    unknown = set(variants) - set(TRAIN_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown train variant(s) {sorted(unknown)}; choose from {TRAIN_VARIANTS}")
+    for variant in variants:
         def run(variant=variant):
             model = build(args)
             if variant.startswith("qlora_nf4"):
@@ -280,7 +283,8 @@ def bench_train(args) -> dict:
             return r
 
         results[variant] = isolated(args, f"train {variant}", run)
-    if all("tokens_per_s" in results[v] for v in ("bf16_lora", "qlora_nf4")):
+        save()  # each variant's numbers survive a later one running out of time
+    if all("tokens_per_s" in results.get(v, {}) for v in ("bf16_lora", "qlora_nf4")):
         results["qlora_vs_lora_speed"] = results["qlora_nf4"]["tokens_per_s"] / results["bf16_lora"]["tokens_per_s"]
     return results
 
@@ -341,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--cohere", action=argparse.BooleanOptionalAction, default=True,
                     help="also decode int4 through our backend (default passes) with CUDA graphs")
     ap.add_argument("--variants", default=None, help=f"comma-separated decode variants (default: all of {DECODE_VARIANTS})")
+    ap.add_argument("--train-variants", default=None,
+                    help=f"comma-separated training variants (default: all of {TRAIN_VARIANTS})")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", default=None, help="JSON name in bench/results/")
@@ -356,7 +362,8 @@ def main(argv=None):
         res["decode"] = {}
         bench_decode(args, res["decode"], save=lambda: write_json(name, res))
     if not args.skip_train:
-        res["train"] = bench_train(args)
+        res["train"] = {}
+        bench_train(args, res["train"], save=lambda: write_json(name, res))
     print(table(res))
     print("wrote", write_json(name, res))
     return res
