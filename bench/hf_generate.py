@@ -1,12 +1,12 @@
-"""Plain HF ``model.generate`` after ``cc.optimize``: the paged KV cache (the default) against
-HF's DynamicCache (``paged_cache=False``), eager HF, and ``cc.generate`` for reference.
+"""Plain HF ``model.generate`` after ``cc.optimize``: the paged KV cache (``paged_cache=True``, opt-in)
+against HF's DynamicCache (the default), eager HF, and ``cc.generate`` for reference.
 
 Variants, all in one run on one model (Aya-8B shapes, random bf16 weights, greedy, every
 sequence runs the full ``--new-tokens``; a left-padded batch when ``--batch`` > 1, prompt
 lengths spread over ``--prompt/2 .. --prompt``):
 - ``hf_eager``: the un-optimized model's ``generate`` (DynamicCache).
-- ``cc_paged``: ``cc.optimize(model)``, then ``model.generate`` (the paged cache, the default).
-- ``cc_dynamic``: ``cc.optimize(model, paged_cache=False)``, then ``model.generate`` (HF's DynamicCache).
+- ``cc_paged``: ``cc.optimize(model, paged_cache=True)``, then ``model.generate`` (the paged cache).
+- ``cc_dynamic``: ``cc.optimize(model)``, then ``model.generate`` (HF's DynamicCache, the default).
 - ``cc_generate``: ``cc.generate`` (continuous batching, CUDA-graph decode): the fast path.
 Each variant gets a fresh model (same weights) and a fresh Dynamo cache; its batch sizes run
 in the order given, as one user's successive calls would.
@@ -48,9 +48,9 @@ def hf_call(model, prompts, new_tokens, seen: dict):
 def prepare(variant, model):
     """The model as a user of this variant would hold it, and the call to time."""
     if variant == "cc_paged":
-        cc.optimize(model)
+        cc.optimize(model, paged_cache=True)
     elif variant == "cc_dynamic":
-        cc.optimize(model, paged_cache=False)
+        cc.optimize(model)
     elif variant == "cc_generate":  # as bench/decode.py runs it: cc.generate compiles its own step
         return lambda prompts, new_tokens, seen: (seen.__setitem__("cache", "PagedKVCache"), torch.tensor(
             cc.generate(model, prompts, new_tokens, stop_tokens=())))[1]

@@ -31,7 +31,7 @@ class CompileOptions:
     fullgraph: bool = False
     regional: bool = False
     training_rewrites: bool = False
-    paged_cache: bool = True  # HF generate's default cache is a cc.PagedKVCache (cache/hf_default.py)
+    paged_cache: bool = False  # True: HF generate's default cache is a cc.PagedKVCache (cache/hf_default.py)
     inductor: dict[str, Any] = field(default_factory=dict)
 
     def backend_options(self) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def optimize(
     regional: bool = False,
     keep_training_logits: bool = False,
     training_rewrites: bool = False,
-    paged_cache: bool | None = None,
+    paged_cache: bool = False,
     **inductor_options: Any,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the cohere backend and return the same object.
@@ -103,27 +103,27 @@ def optimize(
     ``training_rewrites=True`` lets the passes rewrite training (forward+backward) graphs too,
     with our backward kernels and the fused loss; off by default: verified on CPU, but
     bf16 LoRA training graphs rewritten this way failed on the H200 (see passes/manager.py).
-    ``paged_cache`` (default: on, off with ``regional=True``): a plain ``model.generate(...)``
+    ``paged_cache=True`` (opt-in): a plain ``model.generate(...)``
     (greedy or sampling, no ``past_key_values`` / ``cache_implementation``, ``use_cache`` not
     False) decodes into a ``cc.PagedKVCache`` sized for that call (rows = batch x
     ``num_return_sequences``, per row HF's resolved max length rounded up to 64-token blocks,
     the model's dtype and device) instead of HF's ``DynamicCache``, each step's blocks planned
     before the compiled forward (no graph break). Beam search, assisted
     decoding, contrastive search and DoLa keep HF's cache (they reorder or crop it, which the
-    paged cache cannot). ``paged_cache=False`` keeps HF's default cache for every call. With
-    ``regional=True`` (a training mode) it is off and ``paged_cache=True`` raises: paged decoding
-    is built for the whole-model graph (``cc.generate`` refuses regional models too). A
-    peft-wrapped model gets it on the HF model inside, whose ``generate`` peft calls. See
+    paged cache cannot). Off by default because it measured slower: on the H200 (Aya-8B
+    shapes, 16 layers, B1, bench/results/hf_generate_aya-8b_L16.json) ``model.generate`` made
+    58.7 tok/s with it against 121.5 with HF's DynamicCache; for fast decoding use
+    ``cc.generate``. With ``regional=True`` (a training mode) ``paged_cache=True`` raises: paged
+    decoding is built for the whole-model graph (``cc.generate`` refuses regional models too).
+    A peft-wrapped model gets it on the HF model inside, whose ``generate`` peft calls. See
     ``cache/hf_default.py``.
     """
     check_model(model)
-    if paged_cache is None:
-        paged_cache = not regional
     if paged_cache and regional:
         raise ValueError(
             "cohere_compile.optimize: paged_cache=True does not combine with regional=True (a training mode; paged "
-            "decoding is built for the whole-model graph). Optimize without regional=True for inference, or leave "
-            "paged_cache unset (regional models keep Hugging Face's cache)."
+            "decoding is built for the whole-model graph). Optimize without regional=True for inference, or drop "
+            "paged_cache=True (regional models keep Hugging Face's cache)."
         )
     if paged_cache:
         hf_default.hooked_signature(base_model(model))  # an unsupported transformers release fails before compiling

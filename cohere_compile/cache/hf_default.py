@@ -1,4 +1,6 @@
-"""``cc.optimize`` makes ``PagedKVCache`` the default cache of Hugging Face ``generate``.
+"""``cc.optimize(model, paged_cache=True)`` makes ``PagedKVCache`` the default cache of Hugging Face ``generate``
+(opt-in: off by default, because on the H200 it measured 0.48x HF's DynamicCache in ``model.generate``,
+bench/results/hf_generate_aya-8b_L16.json; ``cc.generate`` is the fast decode path).
 
 How: ``install`` puts a ``_prepare_cache_for_generation`` attribute on the model *instance*
 (no class patching; other models of the same class are untouched). HF's ``generate`` calls
