@@ -315,3 +315,30 @@ def test_regional_lora_training_on_cuda_bf16(checkpointing, compiled_graphs):
         ours, eager = rel_err(grads[name].float(), true_grads[name]), rel_err(ref_grads[name].float(), true_grads[name])
         assert ours < 2 * eager + 1e-2, f"{name}: {ours:.3g} vs eager bf16 {eager:.3g}"
     assert len(compiled_graphs) == (3 if checkpointing else LORA_REGIONAL_GRAPHS), compiled_graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_regional_bf16_lora_training_rewrites_on_cuda(compiled_graphs):
+    """What bench/train.py's cc_rewrites peer runs, at tiny size: bf16 LoRA, regional,
+    training rewrites with the default passes + the fused loss. Every layer graph must carry the
+    swiglu rewrite and the head graph the fused loss (on CPU they do). On the H200 (2026-11-29)
+    the 32-layer bench recorded swiglu 0 in its layer graph: this test pins that down."""
+    from cohere_compile.passes import DEFAULT_PASSES
+
+    def build(dtype):
+        m = lora(make_model(tiny_config(False, 2, layers=2), torch.float32).to("cuda", dtype))
+        m.enable_input_require_grads()  # as the bench and the training CLI do: one layer graph
+        return m
+
+    truth, model = build(torch.float32), build(torch.bfloat16)
+    cc.optimize(model, passes=[*DEFAULT_PASSES, "linear_cross_entropy"], regional=True, training_rewrites=True)
+    ids = IDS.cuda()
+    true_loss, _ = step(truth, ids)
+    with recording() as rewrites, no_caches():
+        loss, grads = step(model, ids)
+    assert rel_err(loss.float(), true_loss) < 2e-2
+    assert grads and all(g.isfinite().all() for g in grads.values())
+    # graphs: the decoder layer (reused), the final norm, the head (as on CPU)
+    assert len(rewrites) == 3, rewrites
+    assert sorted((r["swiglu"], r["linear_cross_entropy"]) for r in rewrites) == [(0, 0), (0, 1), (1, 0)], rewrites

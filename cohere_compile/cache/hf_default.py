@@ -61,8 +61,8 @@ def hooked_signature(model: torch.nn.Module) -> inspect.Signature:
         raise RuntimeError(
             f"cohere_compile.optimize: transformers {transformers.__version__} has no "
             f"{type(model).__name__}.{HOOKED}({', '.join(REQUIRED_ARGS)}) (missing: {missing}), where the paged KV "
-            f"cache becomes generate's default. Use cc.optimize(model, paged_cache=False) and, for the paged cache, "
-            f"pass past_key_values=cc.PagedKVCache(...) to generate or use cc.generate."
+            f"cache becomes generate's default. Use cc.optimize(model) (paged_cache=False, the default) and, "
+            f"for the paged cache, pass past_key_values=cc.PagedKVCache(...) to generate or use cc.generate."
         )
     return inspect.signature(method)
 
