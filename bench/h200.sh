@@ -24,6 +24,7 @@ stage() {
   case "$1" in
     tests) python3 -m pytest -q -m gpu tests -rfE ;;
     train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
+    train-budget) python3 bench/train.py --layers 32 --peers cc cc_rewrites --activation-memory-budget 0.6 ;;
     train-qlora) python3 bench/quant.py --skip-decode --out quant_aya-8b_L32_train.json ;;
     quant) python3 bench/quant.py --skip-train --variants bf16_generate,int4_generate,int4_triton_generate \
              --out quant_aya-8b_L32_decode.json ;;

@@ -94,7 +94,8 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
 
         passes = [*DEFAULT_PASSES, "linear_cross_entropy"]
     model = compile_model(model, how, regional=peer in ("cc", "cc_rewrites"), passes=passes,
-                          training_rewrites=peer == "cc_rewrites")
+                          training_rewrites=peer == "cc_rewrites",
+                          activation_memory_budget=args.activation_memory_budget if how == "cc" else None)
     batches = [b.to(device) for b in token_batches(model.config.vocab_size, args.batch, args.seq, n_batches=4, seed=2)]
     torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()
@@ -139,6 +140,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--peers", nargs="+", choices=list(PEERS), default=["eager", "torch_compile", "cc", "cc_rewrites"])
     parser.add_argument("--passes", nargs="*", default=None,
                         help="cc passes (default: DEFAULT_PASSES; cc_rewrites adds linear_cross_entropy)")
+    parser.add_argument("--activation-memory-budget", type=float, default=None,
+                        help="cc peers: cc.optimize(activation_memory_budget=...) (default: PyTorch's own)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--name", default=None, help="JSON file name under bench/results/")
     args = parser.parse_args(argv)
@@ -188,9 +191,11 @@ def main(argv=None) -> dict:
     payload = {"bench": "train", "shape": label, "layers": layers, "batch": args.batch, "seq": args.seq,
                "lora_r": args.lora_r, "lora_targets": list(LORA_TARGETS), "optimizer": "AdamW",
                "gradient_checkpointing": args.gradient_checkpointing, "warmup": args.warmup, "steps": args.steps,
-               "passes": args.passes, "floor": floor, "results": results, "env": env}
-    gc_tag = "_gc" if args.gradient_checkpointing else ""
-    path = write_json(args.name or f"train_{label}_L{layers}_B{args.batch}x{args.seq}{gc_tag}.json", payload)
+               "passes": args.passes, "activation_memory_budget": args.activation_memory_budget, "floor": floor,
+               "results": results, "env": env}
+    tag = ("_gc" if args.gradient_checkpointing else "") + \
+        (f"_amb{args.activation_memory_budget:g}" if args.activation_memory_budget is not None else "")
+    path = write_json(args.name or f"train_{label}_L{layers}_B{args.batch}x{args.seq}{tag}.json", payload)
     print(f"wrote {path}")
     return payload
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .backend import make_backend
+from .backend import check_activation_memory_budget, make_backend
 from .cache import hf_default
 from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
@@ -31,11 +31,13 @@ class CompileOptions:
     fullgraph: bool = False
     regional: bool = False
     training_rewrites: bool = False
+    activation_memory_budget: float | None = None
     paged_cache: bool = False  # True: HF generate's default cache is a cc.PagedKVCache (cache/hf_default.py)
     inductor: dict[str, Any] = field(default_factory=dict)
 
     def backend_options(self) -> dict[str, Any]:
-        return {"passes": list(self.passes), "training_rewrites": self.training_rewrites, **self.inductor}
+        return {"passes": list(self.passes), "training_rewrites": self.training_rewrites,
+                "activation_memory_budget": self.activation_memory_budget, **self.inductor}
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -80,6 +82,7 @@ def optimize(
     regional: bool = False,
     keep_training_logits: bool = False,
     training_rewrites: bool = False,
+    activation_memory_budget: float | None = None,
     paged_cache: bool = False,
     **inductor_options: Any,
 ) -> torch.nn.Module:
@@ -101,8 +104,13 @@ def optimize(
     ``logits=None`` so the logits are never materialised (``training_outputs``);
     ``keep_training_logits=True`` keeps them (and the loss is then not fused).
     ``training_rewrites=True`` lets the passes rewrite training (forward+backward) graphs too,
-    with our backward kernels and the fused loss; off by default: verified on CPU, but
-    bf16 LoRA training graphs rewritten this way failed on the H200 (see passes/manager.py).
+    with our backward kernels and the fused loss; off by default (see passes/manager.py for
+    what the H200 measured).
+    ``activation_memory_budget`` (training; default None = PyTorch's 1.0): how much of what
+    AOTAutograd's partitioner would save for the backward to keep, in [0, 1]; lower recomputes
+    more in the backward (cheapest first: casts and pointwise ops, then matmuls). On a CPU LoRA
+    model (peft's fp32 adapters on bf16 weights) 0.6 halved the saved activations, recomputing
+    only fp32 casts (tests/test_training.py); its speed on the GPU is not yet measured.
     ``paged_cache=True`` (opt-in): a plain ``model.generate(...)``
     (greedy or sampling, no ``past_key_values`` / ``cache_implementation``, ``use_cache`` not
     False) decodes into a ``cc.PagedKVCache`` sized for that call (rows = batch x
@@ -143,6 +151,7 @@ def optimize(
         fullgraph=fullgraph,
         regional=regional,
         training_rewrites=training_rewrites,
+        activation_memory_budget=check_activation_memory_budget(activation_memory_budget),
         paged_cache=paged_cache,
         inductor=dict(inductor_options),
     )

@@ -34,12 +34,14 @@ def add_lora(model, r: int = 16, alpha: int | None = None, dropout: float = 0.0,
     return get_peft_model(model, config)
 
 
-def compile_model(model, how: str, regional: bool = True, passes=None, training_rewrites: bool = False):
+def compile_model(model, how: str, regional: bool = True, passes=None, training_rewrites: bool = False,
+                  activation_memory_budget: float | None = None):
     """``cc`` = cc.optimize (regional by default), ``torch`` = torch.compile, ``none`` = eager."""
     if how == "cc":
         import cohere_compile as cc
 
-        return cc.optimize(model, passes=passes, regional=regional, training_rewrites=training_rewrites)
+        return cc.optimize(model, passes=passes, regional=regional, training_rewrites=training_rewrites,
+                           activation_memory_budget=activation_memory_budget)
     if how == "torch":
         model.compile()
         return model
@@ -162,6 +164,8 @@ def main(argv=None) -> TrainResult:
     parser.add_argument("--compile", choices=COMPILE_MODES, default="cc", dest="how")
     parser.add_argument("--whole-model", action="store_true", help="cc: compile the whole model, not per layer")
     parser.add_argument("--passes", nargs="*", help="cc: pass names (default: cohere_compile.DEFAULT_PASSES)")
+    parser.add_argument("--activation-memory-budget", type=float, default=None,
+                        help="cc: keep this fraction (0..1) of the activations PyTorch would save; recompute the rest")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--data", help=".pt / .npy file of token ids (default: random tokens)")
     parser.add_argument("--batches", type=int, default=8, help="distinct batches, cycled (1 = repeat one batch)")
@@ -185,7 +189,8 @@ def main(argv=None) -> TrainResult:
         # regional compile would build a second layer graph just for it; HF's hook (what
         # gradient checkpointing enables anyway) costs one extra input gradient instead.
         model.enable_input_require_grads()
-    model = compile_model(model, args.how, regional=not args.whole_model, passes=args.passes)
+    model = compile_model(model, args.how, regional=not args.whole_model, passes=args.passes,
+                          activation_memory_budget=args.activation_memory_budget)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
                   f"{args.dtype} on {args.device}; {args.mode}, {trainable:,} trainable parameters; compile={args.how}"

@@ -152,6 +152,46 @@ def test_regional_head_keeps_hf_output_options():
         assert all(rel_err(a, b) < 1e-4 for a, b in zip(out.hidden_states, ref_out.hidden_states))
 
 
+def saved_activation_bytes(model, ids) -> tuple[int, torch.Tensor, dict]:
+    """Bytes of the non-parameter tensors autograd keeps for the backward of one training step
+    (each storage once), and the step's loss and gradients."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return sum(saved.values()), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_memory_budget_recomputes_casts_instead_of_saving_them():
+    """bf16 LoRA (peft keeps the adapters in fp32, so each adapter input is an fp32 copy):
+    PyTorch's partitioner saves those fp32 copies; a budget of 0.6 recomputes them (and only
+    cheap ops) in the backward. Measured: 11.9 -> 6.1 KB per token and layer at hidden 256."""
+    def build(budget):
+        m = lora(make_model(tiny_config(False, 2, layers=2), torch.bfloat16))
+        m.enable_input_require_grads()  # as training does: one layer graph
+        return cc.optimize(m, regional=True, activation_memory_budget=budget)
+
+    ids = torch.randint(3, 128, (2, 32), generator=torch.Generator().manual_seed(6))
+    default_bytes, default_loss, default_grads = saved_activation_bytes(build(None), ids)
+    budget_bytes, loss, grads = saved_activation_bytes(build(0.6), ids)
+    assert budget_bytes < 0.7 * default_bytes, (budget_bytes, default_bytes)
+    assert rel_err(loss.float(), default_loss.float()) < 1e-3
+    assert grads.keys() == default_grads.keys() and len(grads) == 2 * len(LORA_TARGETS) * 2
+    for name in grads:  # the same math, recomputed: bf16 rounding at most
+        assert rel_err(grads[name].float(), default_grads[name].float()) < 2e-2, name
+    with pytest.raises(ValueError, match=r"activation_memory_budget must be a number in \[0, 1\]"):
+        cc.optimize(make_model(tiny_config(False, 2)), activation_memory_budget=1.5)
+
+
 def test_regional_twice_is_an_error_and_explain_says_why_it_cannot_report():
     model = base()
     cc.optimize(model, regional=True)
