@@ -12,6 +12,7 @@ Peers, all in the same run:
   fullgraph=True)``, one token per call: the strongest plain-PyTorch loop.
 - ``ours``: ``cc.generate`` (paged cache, continuous batching, our passes, CUDA graph).
 - ``ours_frozen``: the same with Inductor freezing (not in the default peer list).
+- ``ours_combo``: the same with Inductor combo kernels (not in the default peer list).
 
 tokens/s = generated tokens / wall time of the whole call (prefill included), after a
 warm-up call. For ours we also report decode-only tokens/s (prefill excluded). The
@@ -40,7 +41,9 @@ from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_ti
 # freezing, which treats weights as constants, so its concat-linear pattern can merge the
 # q/k/v and gate/up matmuls that share an input into one GEMV each (copies of those weights).
 # On the H200 (2026-11-29, B1 Aya-8B) it ran 71 tok/s against 196 without: an experiment, not a default.
-OUR_VARIANTS = {"ours": None, "ours_frozen": {"freezing": True}}
+# ``ours_combo``: Inductor's combo kernels (independent kernels, e.g. the q/k/v GEMVs, share one
+# launch); not yet measured on the GPU.
+OUR_VARIANTS = {"ours": None, "ours_frozen": {"freezing": True}, "ours_combo": {"combo_kernels": True}}
 
 
 def make_prompts(lengths, vocab, seed=0):

@@ -7,7 +7,7 @@ Two parts, each optional (GPU only):
   projection-merging pass could save.
 - ``--variants``: a torch.profiler trace of whole calls, per generated token: wall time, the sum of
   CUDA kernel time (wall minus that = the GPU waiting on the host), and the top kernels.
-  ``bf16`` / ``int4`` / ``frozen`` (Inductor freezing) run ``cc.generate``; ``hf_paged`` /
+  ``bf16`` / ``int4`` / ``frozen`` (Inductor freezing) / ``combo`` (Inductor combo kernels) run ``cc.generate``; ``hf_paged`` /
   ``hf_dynamic`` run ``model.generate`` after ``cc.optimize(model, paged_cache=True / False)``.
 
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/decode_profile.py --layers 32 --gemm \\
@@ -30,7 +30,9 @@ import torch
 import cohere_compile as cc
 from bench.common import SHAPES, build_model, cuda_graph_time_s, environment, write_json
 
-GENERATE_VARIANTS = ("bf16", "int4", "frozen")
+# cc.generate variants -> Inductor options on top of its defaults. combo: Inductor's combo kernels
+# horizontally fuse independent kernels (e.g. the q/k/v GEMV reductions) into one launch.
+GENERATE_VARIANTS = {"bf16": None, "int4": None, "frozen": {"freezing": True}, "combo": {"combo_kernels": True}}
 HF_VARIANTS = ("hf_paged", "hf_dynamic")
 
 
@@ -69,7 +71,7 @@ def prepared(variant: str, model):
     """The model as the variant uses it, and a call producing ``n`` new tokens for ``prompt``."""
     if variant in GENERATE_VARIANTS:
         cc.optimize(model, quantize="int4" if variant == "int4" else None)
-        options = {"freezing": True} if variant == "frozen" else None
+        options = GENERATE_VARIANTS[variant]
         return lambda prompt, n: cc.generate(model, [prompt], n, stop_tokens=(), inductor_options=options)
     cc.optimize(model, paged_cache=variant == "hf_paged")
 
@@ -128,16 +130,16 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--gemm", action="store_true", help="run the projection GEMM probe")
     ap.add_argument("--gemm-m", default="1,32", help="comma-separated batch sizes of the GEMM probe")
-    ap.add_argument("--variants", default="", help=f"comma-separated, of {GENERATE_VARIANTS + HF_VARIANTS}")
+    ap.add_argument("--variants", default="", help=f"comma-separated, of {(*GENERATE_VARIANTS, *HF_VARIANTS)}")
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=30, help="kernels kept per variant")
     ap.add_argument("--name", default=None, help="JSON name under bench/results/")
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(GENERATE_VARIANTS + HF_VARIANTS)
+    unknown = set(variants) - {*GENERATE_VARIANTS, *HF_VARIANTS}
     if unknown:
-        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {GENERATE_VARIANTS + HF_VARIANTS}")
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {(*GENERATE_VARIANTS, *HF_VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile.py profiles CUDA kernels; it needs a GPU")
     name = args.name or f"decode_profile_{args.shape}_L{args.layers}.json"
