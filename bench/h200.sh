@@ -8,7 +8,8 @@
 #   bash bench/h200.sh quant decode-b1      # int4/bf16 decode; B1 decode vs the loop
 #   bash bench/h200.sh decode-ragged hf-generate
 #
-# torchao is not installed there: carry its wheel in .whl/ (see the device notes) and it is
+# torchao (and gemlite, for quant-gemlite) are not installed there: carry their wheels in .whl/
+# (see the device notes; gemlite is an sdist: `pip wheel --no-deps gemlite -w .whl`) and they are
 # installed into /tmp/site first.
 set -u
 export TRITON_INTERPRET=0 PYTHONPATH=$PWD:/tmp/site
@@ -28,6 +29,8 @@ stage() {
     train-qlora) python3 bench/quant.py --skip-decode --out quant_aya-8b_L32_train.json ;;
     quant) python3 bench/quant.py --skip-train --variants bf16_generate,int4_generate,int4_triton_generate \
              --out quant_aya-8b_L32_decode.json ;;
+    quant-gemlite) python3 bench/quant.py --skip-train --variants bf16_generate,int4_gemlite_generate,int4_generate \
+             --out quant_aya-8b_L32_decode_gemlite.json ;;
     decode-b1) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours --tag _b1 ;;
     decode-b1-hf) python3 bench/decode.py --layers 32 --workloads b1 --peers hf_eager,hf_static,loop --tag _b1_hf ;;
     decode-ragged) python3 bench/decode.py --layers 32 --workloads ragged --peers loop,ours --tag _ragged ;;

@@ -15,6 +15,8 @@ checkpointing as --gc says; tokens/s (median step) and peak memory.
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/quant.py --layers 4 --skip-train
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/quant.py --layers 4 --skip-train \
         --variants bf16_generate,int4_generate,int4_triton_generate             # our int4 GEMV vs tinygemm
+    TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/quant.py --layers 32 --skip-train \
+        --variants bf16_generate,int4_gemlite_generate                          # gemlite (carry its wheel)
     PYTHONPATH=$PWD python bench/quant.py --tiny --device cpu --no-compile        # smoke test on CPU
 """
 
@@ -36,8 +38,11 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
             num_key_value_heads=2, vocab_size=1024, use_qk_norm=False, logit_scale=0.125)
 # int4_cohere: + our default passes (cc backend); *_generate: cc.optimize + cc.generate (our
 # paged cache and CUDA-graph decode step), decode steps only; int4_triton_generate: the same with
-# cc.optimize(..., int4_kernel="triton") (our int4 GEMV instead of torchao's tinygemm)
-DECODE_VARIANTS = ("bf16", "int4", "int4_cohere", "bf16_generate", "int4_generate", "int4_triton_generate")
+# cc.optimize(..., int4_kernel="triton") (our int4 GEMV instead of torchao's tinygemm);
+# int4_gemlite_generate: int4_kernel="gemlite" (torchao's gemlite-backed tensors; needs gemlite)
+DECODE_VARIANTS = ("bf16", "int4", "int4_cohere", "bf16_generate", "int4_generate", "int4_triton_generate",
+                   "int4_gemlite_generate")
+INT4_KERNEL_OF = {"int4_triton_generate": "triton", "int4_gemlite_generate": "gemlite"}  # others: torchao
 # *_cohere: cc.optimize(regional, training rewrites, + fused loss) instead of plain torch.compile
 TRAIN_VARIANTS = ("bf16_lora", "qlora_nf4", "qlora_nf4_cohere")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -203,7 +208,7 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
                 import cohere_compile as cc
 
                 quantize = "int4" if variant.startswith("int4") else None
-                kernel = "triton" if variant.startswith("int4_triton") else "torchao"
+                kernel = INT4_KERNEL_OF.get(variant, "torchao")
                 r = decode_generate(cc.optimize(model, quantize=quantize, group_size=args.group_size,
                                                 int4_kernel=kernel), args)
                 print(f"decode {variant}: {r['tokens_per_s']:.1f} tok/s", flush=True)
@@ -221,9 +226,10 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
     if all("tokens_per_s" in results.get(v, {}) for v in ("bf16_generate", "int4_generate")):
         results["int4_vs_bf16_generate"] = (results["int4_generate"]["tokens_per_s"]
                                             / results["bf16_generate"]["tokens_per_s"])
-    if all("tokens_per_s" in results.get(v, {}) for v in ("bf16_generate", "int4_triton_generate")):
-        results["int4_triton_vs_bf16_generate"] = (results["int4_triton_generate"]["tokens_per_s"]
-                                                   / results["bf16_generate"]["tokens_per_s"])
+    for variant in INT4_KERNEL_OF:
+        if all("tokens_per_s" in results.get(v, {}) for v in ("bf16_generate", variant)):
+            results[f"{variant.removesuffix('_generate')}_vs_bf16_generate"] = (
+                results[variant]["tokens_per_s"] / results["bf16_generate"]["tokens_per_s"])
     return results
 
 
@@ -308,6 +314,9 @@ def table(res: dict) -> str:
             lines.append(f"int4 / bf16 = {d['int4_vs_bf16_generate']:.2f}x (goal >= 2.2x), cc.generate")
         if "int4_triton_vs_bf16_generate" in d:
             lines.append(f"int4 (our Triton GEMV) / bf16 = {d['int4_triton_vs_bf16_generate']:.2f}x (goal >= 2.2x), "
+                         f"cc.generate")
+        if "int4_gemlite_vs_bf16_generate" in d:
+            lines.append(f"int4 (gemlite) / bf16 = {d['int4_gemlite_vs_bf16_generate']:.2f}x (goal >= 2.2x), "
                          f"cc.generate")
     if "train" in res:
         t = res["train"]

@@ -13,7 +13,7 @@ from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
 from .passes.manager import validate_pass_names
-from .quant.int4_triton import INT4_KERNELS
+from .quant.int4 import INT4_KERNELS
 from .regional import compile_regions
 from .training_outputs import drop_training_logits
 
@@ -95,8 +95,10 @@ def optimize(
     ``quantize``: ``"int4"`` (torchao int4 weight-only, groups of ``group_size``; the LM head gets
     its own quantized copy, the embedding stays a lookup) or ``"nf4"`` (torchao NF4 base weights
     for QLoRA); applied in place before compiling, see ``cohere_compile.quant``.
-    ``int4_kernel`` (with ``quantize="int4"``): ``"torchao"`` (default) or ``"triton"``, which swaps
-    the same linears for ``Int4TritonLinear`` (our int4 GEMV for decode; opt-in, see quant/int4_triton.py).
+    ``int4_kernel`` (with ``quantize="int4"``): ``"torchao"`` (default), ``"triton"``, which swaps
+    the same linears for ``Int4TritonLinear`` (our int4 GEMV for decode; opt-in, see quant/int4_triton.py),
+    or ``"gemlite"`` (torchao's gemlite-backed int4 tensors; CUDA, needs ``pip install gemlite``;
+    opt-in and not yet measured, see quant/int4.py).
     ``regional=True`` compiles one decoder layer and reuses it for all layers (plus the
     final norm and the LM head / loss region) instead of the whole model: compile time
     no longer grows with the number of layers. Recommended for training; see regional.py.

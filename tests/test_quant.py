@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import cohere_compile as cc
-from cohere_compile.quant import int4_config, is_quantized, quantize_model
+from cohere_compile.quant import gemlite_config, int4_config, is_quantized, quantize_model
 from cohere_compile.passes import PASS_NAMES
 from conftest import make_model, padded_inputs, rel_err, tiny_config, with_weights_of
 
@@ -163,6 +163,26 @@ def test_bad_arguments_raise_clear_errors():
     peft_model = get_peft_model(make_model(tiny_config(False, 2)), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         cc.optimize(peft_model, quantize="nf4")
+
+
+def test_gemlite_int4_kernel_refuses_what_it_cannot_run(monkeypatch):
+    """int4_kernel="gemlite" (CUDA only; tested on the GPU in test_gpu_quant.py): a CPU model, a
+    float32 model and a missing gemlite package each get an error that names the fix, before
+    any weight changes."""
+    model = make_model(tiny_config(False, 2))
+    with pytest.raises(cc.UnsupportedInputError, match="int4_kernel='gemlite' runs gemlite's Triton kernels on CUDA"):
+        cc.optimize(model, quantize="int4", int4_kernel="gemlite", group_size=GROUP)
+    assert not any(is_quantized(p) for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(cc.UnsupportedInputError, match="needs bfloat16 or float16"):
+        gemlite_config(torch.device("cuda"), torch.float32, 128)
+    with pytest.raises(ValueError, match="group_size=48"):
+        gemlite_config(torch.device("cuda"), torch.bfloat16, 48)
+    monkeypatch.setitem(__import__("sys").modules, "gemlite", None)  # as if not installed
+    with pytest.raises(ImportError, match="needs the gemlite package: pip install"):
+        gemlite_config(torch.device("cuda"), torch.bfloat16, 128)
+    with pytest.raises(ValueError, match="int4_kernel='gemlite' applies to quantize='int4' only"):
+        cc.optimize(model, int4_kernel="gemlite")
 
 
 def test_compiled_qlora_training_step_matches_eager():

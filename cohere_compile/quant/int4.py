@@ -1,10 +1,15 @@
-"""torchao int4 weight-only configs: the tinygemm layout on CUDA, a plain one on CPU.
+"""torchao int4 weight-only configs: the tinygemm layout on CUDA, a plain one on CPU, and
+gemlite's Triton kernels on CUDA (opt-in, ``int4_kernel="gemlite"``).
 
 CUDA: ``Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`` packs for
 ``aten._weight_int4pack_mm`` (tinygemm, asymmetric groups, bf16 only), which ships with torch
 itself (the ``plain`` format needs the separate mslk/fbgemm kernels). CPU:
 ``IntxWeightOnlyConfig(torch.int4, PerGroup)`` keeps int4 values unpacked in int8 and
 dequantizes in the graph; it is the CPU-capable path our tests run, not a fast one.
+gemlite (``int4_kernel="gemlite"``): torchao's ``UIntxWeightOnlyConfig`` (prototype), HQQ-fitted
+asymmetric groups packed for gemlite's Triton GEMV / GEMM (``gemlite::forward_functional``, a
+custom op, so it compiles and CUDA-graphs). Added because tinygemm reads int4 at only ~1.5 TB/s
+at batch 1 on the H200; gemlite's speed there is not yet measured.
 """
 
 from __future__ import annotations
@@ -14,6 +19,33 @@ import torch
 from ..ops import UnsupportedInputError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+# how int4 linears run: torchao tinygemm (default), our Triton GEMV (quant/int4_triton.py), gemlite
+INT4_KERNELS = ("torchao", "triton", "gemlite")
+
+
+def gemlite_config(device: torch.device, dtype: torch.dtype, group_size: int):
+    """torchao's gemlite-backed int4 weight-only config, with clear errors where it cannot run."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantize='int4': group_size={group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+    if device.type != "cuda":
+        raise UnsupportedInputError(
+            f"quantize='int4', int4_kernel='gemlite' runs gemlite's Triton kernels on CUDA only, but the model is on "
+            f"'{device.type}'; move it to a GPU first, or use int4_kernel='torchao' (the default) on CPU"
+        )
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise UnsupportedInputError(
+            f"quantize='int4', int4_kernel='gemlite' needs bfloat16 or float16 weights, but the model is {dtype}; "
+            f"cast it first: model.to(torch.bfloat16)"
+        )
+    try:
+        import gemlite  # noqa: F401
+    except ImportError as e:
+        raise ImportError("quantize='int4', int4_kernel='gemlite' needs the gemlite package: "
+                          "pip install 'cohere_compile[gemlite]' (or pip install gemlite)") from e
+    from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+
+    # set_inductor_config=False: torchao would otherwise change global Inductor settings behind our back
+    return UIntxWeightOnlyConfig(group_size=group_size, bit_width=4, set_inductor_config=False)
 
 
 def int4_config(device: torch.device, dtype: torch.dtype, group_size: int):

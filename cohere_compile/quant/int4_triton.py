@@ -12,8 +12,6 @@ import torch
 
 from ..ops.int4 import MID, pack_int4
 
-INT4_KERNELS = ("torchao", "triton")
-
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``weight [N, K]`` -> ``(packed uint8 [N, K // 2], scales, zeros [N, K // group_size])``.

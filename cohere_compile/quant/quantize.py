@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .int4 import INT4_GROUP_SIZES, int4_config
-from .int4_triton import INT4_KERNELS, Int4TritonLinear
+from .int4 import INT4_GROUP_SIZES, INT4_KERNELS, gemlite_config, int4_config
+from .int4_triton import Int4TritonLinear
 from .nf4 import nf4_weight
 
 QUANT_METHODS = ("int4", "nf4")
@@ -64,8 +64,9 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
     ``progress``: show a per-layer progress bar (None: only on a terminal). ``device``: move each
     linear there just before quantizing it (so a checkpoint bigger than the GPU in full precision
     can be quantized onto it); the rest of the model stays where it is.
-    ``int4_kernel`` (int4 only): ``"torchao"`` (tinygemm on CUDA) or ``"triton"``
-    (``Int4TritonLinear``: our GEMV for decode, any float dtype, CPU and CUDA).
+    ``int4_kernel`` (int4 only): ``"torchao"`` (tinygemm on CUDA), ``"triton"``
+    (``Int4TritonLinear``: our GEMV for decode, any float dtype, CPU and CUDA) or ``"gemlite"``
+    (torchao's gemlite-backed tensors: CUDA, bf16/fp16, needs the gemlite package).
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"quantize={method!r} is not supported; use one of {QUANT_METHODS} or None")
@@ -91,9 +92,11 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
         from torchao.quantization import quantize_
 
         weight = _floating_weight(model)
+        target = torch.device(device) if device is not None else weight.device
         if int4_kernel == "torchao":
-            config = int4_config(torch.device(device) if device is not None else weight.device, weight.dtype,
-                                 group_size)
+            config = int4_config(target, weight.dtype, group_size)
+        elif int4_kernel == "gemlite":
+            config = gemlite_config(target, weight.dtype, group_size)
         elif group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quantize='int4': group_size={group_size} is not supported; use one of {INT4_GROUP_SIZES}")
         targets = linears + [("lm_head", head)]
