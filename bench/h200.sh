@@ -29,7 +29,7 @@ stage() {
     train-qlora) python3 bench/quant.py --skip-decode --out quant_aya-8b_L32_train.json ;;
     quant) python3 bench/quant.py --skip-train --variants bf16_generate,int4_generate,int4_triton_generate \
              --out quant_aya-8b_L32_decode.json ;;
-    quant-gemlite) python3 bench/quant.py --skip-train --variants bf16_generate,int4_gemlite_generate,int4_generate \
+    quant-gemlite) python3 bench/quant.py --skip-train --variants int4_gemlite_generate,bf16_generate \
              --out quant_aya-8b_L32_decode_gemlite.json ;;
     decode-b1) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours --tag _b1 ;;
     decode-b1-hf) python3 bench/decode.py --layers 32 --workloads b1 --peers hf_eager,hf_static,loop --tag _b1_hf ;;
