@@ -16,8 +16,11 @@ export TRITON_INTERPRET=0 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/h200_logs}
 mkdir -p "$OUT"
 START_MARK=$(mktemp)
-if ls .whl/*.whl > /dev/null 2>&1 && [ ! -d /tmp/site/torchao ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# once per set of wheels (two stages started together must not install over each other)
+MARK=/tmp/site/.installed-$(ls .whl 2>/dev/null | md5sum | cut -c1-8)
+if ls .whl/*.whl > /dev/null 2>&1 && [ ! -e "$MARK" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch "$MARK"
 fi
 LIMIT=${LIMIT:-570}  # seconds per stage
 
