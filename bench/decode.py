@@ -13,6 +13,7 @@ Peers, all in the same run:
 - ``ours``: ``cc.generate`` (paged cache, continuous batching, our passes, CUDA graph).
 - ``ours_frozen``: the same with Inductor freezing (not in the default peer list).
 - ``ours_combo``: the same with Inductor combo kernels (not in the default peer list).
+- ``ours_merged``: the same with ``merge_projections=True`` (not in the default peer list).
 
 tokens/s = generated tokens / wall time of the whole call (prefill included), after a
 warm-up call. For ours we also report decode-only tokens/s (prefill excluded). The
@@ -37,13 +38,15 @@ from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_ti
                           paged_attention_inputs, sync, write_json)
 
 
-# cc.generate variants: Inductor options on top of its defaults. ``ours_frozen``: Inductor
+# cc.generate variants -> its keyword arguments. ``ours_frozen``: Inductor
 # freezing, which treats weights as constants, so its concat-linear pattern can merge the
 # q/k/v and gate/up matmuls that share an input into one GEMV each (copies of those weights).
 # On the H200 (2026-11-29, B1 Aya-8B) it ran 71 tok/s against 196 without: an experiment, not a default.
 # ``ours_combo``: Inductor's combo kernels (independent kernels, e.g. the q/k/v GEMVs, share one
-# launch); not yet measured on the GPU.
-OUR_VARIANTS = {"ours": None, "ours_frozen": {"freezing": True}, "ours_combo": {"combo_kernels": True}}
+# launch); ``ours_merged``: merge_projections=True (q/k/v/gate/up as one matmul per layer, weights
+# co-located, no copies). Neither is measured on the GPU yet.
+OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": True}},
+                "ours_combo": {"inductor_options": {"combo_kernels": True}}, "ours_merged": {"merge_projections": True}}
 
 
 def make_prompts(lengths, vocab, seed=0):
@@ -192,8 +195,7 @@ def main():
                 elif peer in OUR_VARIANTS:
                     stats = {}
                     fn = lambda: outputs.__setitem__(peer, torch.tensor(cc.generate(  # noqa: E731
-                        model, prompts, args.new_tokens, stop_tokens=(), stats=stats,
-                        inductor_options=OUR_VARIANTS[peer])))
+                        model, prompts, args.new_tokens, stop_tokens=(), stats=stats, **OUR_VARIANTS[peer])))
                 else:
                     raise ValueError(f"unknown peer {peer}")
                 with torch.no_grad():

@@ -7,7 +7,8 @@ Two parts, each optional (GPU only):
   projection-merging pass could save.
 - ``--variants``: a torch.profiler trace of whole calls, per generated token: wall time, the sum of
   CUDA kernel time (wall minus that = the GPU waiting on the host), and the top kernels.
-  ``bf16`` / ``int4`` / ``frozen`` (Inductor freezing) / ``combo`` (Inductor combo kernels) run ``cc.generate``; ``hf_paged`` /
+  ``bf16`` / ``int4`` / ``frozen`` (Inductor freezing) / ``combo`` (Inductor combo kernels) /
+  ``merged`` (``merge_projections=True``) run ``cc.generate``; ``hf_paged`` /
   ``hf_dynamic`` run ``model.generate`` after ``cc.optimize(model, paged_cache=True / False)``.
 
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/decode_profile.py --layers 32 --gemm \\
@@ -32,7 +33,9 @@ from bench.common import SHAPES, build_model, cuda_graph_time_s, environment, wr
 
 # cc.generate variants -> Inductor options on top of its defaults. combo: Inductor's combo kernels
 # horizontally fuse independent kernels (e.g. the q/k/v GEMV reductions) into one launch.
-GENERATE_VARIANTS = {"bf16": None, "int4": None, "frozen": {"freezing": True}, "combo": {"combo_kernels": True}}
+# merged: cc.generate(merge_projections=True), q/k/v/gate/up as one matmul per layer.
+GENERATE_VARIANTS = {"bf16": {}, "int4": {}, "frozen": {"inductor_options": {"freezing": True}},
+                     "combo": {"inductor_options": {"combo_kernels": True}}, "merged": {"merge_projections": True}}
 HF_VARIANTS = ("hf_paged", "hf_dynamic")
 
 
@@ -71,8 +74,8 @@ def prepared(variant: str, model):
     """The model as the variant uses it, and a call producing ``n`` new tokens for ``prompt``."""
     if variant in GENERATE_VARIANTS:
         cc.optimize(model, quantize="int4" if variant == "int4" else None)
-        options = GENERATE_VARIANTS[variant]
-        return lambda prompt, n: cc.generate(model, [prompt], n, stop_tokens=(), inductor_options=options)
+        kwargs = GENERATE_VARIANTS[variant]
+        return lambda prompt, n: cc.generate(model, [prompt], n, stop_tokens=(), **kwargs)
     cc.optimize(model, paged_cache=variant == "hf_paged")
 
     def call(prompt, n):

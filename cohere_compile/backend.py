@@ -22,6 +22,7 @@ from .passes import DEFAULT_PASSES, CoherePassManager
 class BackendOptions(NamedTuple):
     passes: tuple[str, ...]
     training_rewrites: bool
+    merge_projections: bool  # internal: cc.generate's own compiles (passes/merge_projections.py)
     activation_memory_budget: float | None  # None: PyTorch's own (1.0: save what the partitioner likes)
     inductor: dict[str, Any]  # Inductor config patches
 
@@ -39,6 +40,7 @@ def split_options(options: dict[str, Any] | None) -> BackendOptions:
     options = dict(options or {})
     passes = options.pop("passes", DEFAULT_PASSES)
     training_rewrites = bool(options.pop("training_rewrites", False))
+    merge = bool(options.pop("merge_projections", False))
     budget = check_activation_memory_budget(options.pop("activation_memory_budget", None))
     if isinstance(passes, str):
         passes = [passes]
@@ -48,13 +50,13 @@ def split_options(options: dict[str, Any] | None) -> BackendOptions:
             f"cohere backend: unknown option(s) {unknown}; use 'passes', 'training_rewrites', "
             f"'activation_memory_budget' or an Inductor config name (torch._inductor.config)"
         )
-    return BackendOptions(tuple(passes), training_rewrites, budget, options)
+    return BackendOptions(tuple(passes), training_rewrites, merge, budget, options)
 
 
 def make_backend(options: dict[str, Any] | None = None):
     """A backend callable with fixed options (what ``cc.optimize`` hands to torch.compile)."""
     opts = split_options(options)
-    manager = CoherePassManager(opts.passes, opts.training_rewrites)
+    manager = CoherePassManager(opts.passes, opts.training_rewrites, opts.merge_projections)
 
     def cohere_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
         patches = dict(opts.inductor)

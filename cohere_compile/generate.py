@@ -26,6 +26,7 @@ from .api import base_model, check_model, options_of
 from .backend import make_backend
 from .cache import PagedKVCache
 from .cache.paged_cache import pinned
+from .colocate import ensure_colocated
 
 TokenCallback = Callable[[int, int], None]  # (prompt index, new token id)
 
@@ -93,7 +94,7 @@ CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True}
 
 
 def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: bool | None,
-                       inductor_options: dict | None = None):
+                       inductor_options: dict | None = None, merge_projections: bool = False):
     """(prefill, decode): the model's forward compiled with our passes (paged_attention
     included). Decode is one fixed-shape graph, a CUDA graph on CUDA unless
     ``cuda_graphs=False``; prefill is one graph for every prompt length (dynamic).
@@ -113,14 +114,16 @@ def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: 
     cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
     user = {**options_of(model).inductor, **(inductor_options or {})}
     decode_options = {**(CUDA_DECODE_INDUCTOR if on_cuda else {}), **user}
-    key = (passes, bool(cuda_graphs), tuple(sorted(decode_options.items())), tuple(sorted(user.items())))
+    key = (passes, bool(cuda_graphs), tuple(sorted(decode_options.items())), tuple(sorted(user.items())),
+           merge_projections)
     cached = hf_model.__dict__.setdefault("_cohere_generate_fns", {})
     if key not in cached:
-        decode = {"passes": list(passes), **decode_options}
+        common = {"passes": list(passes), "merge_projections": merge_projections}
+        decode = {**common, **decode_options}
         if cuda_graphs:
             decode["triton.cudagraphs"] = True
         cached[key] = (
-            torch.compile(hf_model.forward, backend=make_backend({"passes": list(passes), **user}), dynamic=True),
+            torch.compile(hf_model.forward, backend=make_backend({**common, **user}), dynamic=True),
             torch.compile(hf_model.forward, backend=make_backend(decode), fullgraph=True, dynamic=False),
         )
     return cached[key]
@@ -145,6 +148,7 @@ def generate(
     seed: int | None = None,
     stats: dict | None = None,
     inductor_options: dict | None = None,
+    merge_projections: bool = False,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for every prompt; returns one list of new
     token ids per prompt (prompt excluded, stop token included when one ends it).
@@ -158,7 +162,10 @@ def generate(
     timings: prefill_s, decode_s (wall, synchronised), decode_steps, prefills.
     ``compiled=False`` runs the model's eager forward (a reference path). ``inductor_options``
     are Inductor config patches for the compiled prefill and decode (on top of those given
-    to ``cc.optimize``).
+    to ``cc.optimize``). ``merge_projections=True`` (opt-in, not yet measured on a GPU) puts each
+    layer's q/k/v and gate/up weights back to back in memory (``colocate.py``; same parameters and
+    values) and computes each group as one matmul (``passes/merge_projections.py``); the layout is
+    checked, and restored if something moved the weights, before every call.
     """
     check_model(model)
     prompts = _as_token_lists(prompts)
@@ -188,7 +195,13 @@ def generate(
     cache.host_managed = True
     sampler = _Sampler(temperature, top_k, top_p, seed, device)
     stop = _stop_set(model, stop_tokens)
-    prefill_forward, decode = _compiled_forwards(model, cache, compiled, cuda_graphs, inductor_options)
+    merge_projections = merge_projections and compiled
+    if merge_projections and not ensure_colocated(base_model(model)):
+        # (the merged graphs read each group as one block: the layout is checked every call)
+        raise ValueError("generate: merge_projections=True needs plain, bias-free q/k/v/gate/up weights of one "
+                         "dtype; this model has none (quantized?). Call without merge_projections.")
+    prefill_forward, decode = _compiled_forwards(model, cache, compiled, cuda_graphs, inductor_options,
+                                                 merge_projections)
     bs = cache.block_size
 
     results: list[list[int]] = [[] for _ in prompts]

@@ -21,6 +21,7 @@ from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topologic
 
 from .. import ops  # noqa: F401  (registers the cohere:: ops the replacements call)
 from . import attention, layer_norm, linear_cross_entropy, paged_attention, qk_norm_rope, swiglu
+from .merge_projections import merge_projections
 
 # Application order matters: qk_norm_rope must claim the per-head norms before
 # layer_norm looks at norms, and layer_norm's fused adds come before plain norms.
@@ -99,9 +100,12 @@ class CoherePassManager(CustomGraphPass):
     at 0.99x; only the fused loss fired (peak 46.1 -> 40.7 GB), and swiglu found no match in the
     layer graph although it does on CPU (tests/test_training.py has a GPU test for that)."""
 
-    def __init__(self, passes: Iterable[str] = DEFAULT_PASSES, training_rewrites: bool = False):
+    def __init__(self, passes: Iterable[str] = DEFAULT_PASSES, training_rewrites: bool = False,
+                 merge_projections: bool = False):
         self.passes = validate_pass_names(passes)
         self.training_rewrites = bool(training_rewrites)
+        # internal (cc.generate only, which checks the weight layout it relies on before every call)
+        self.merge_projections = bool(merge_projections)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         counts = {}
@@ -114,6 +118,8 @@ class CoherePassManager(CustomGraphPass):
             for stage in _stages(name):
                 found = stage.apply(graph) if isinstance(stage, PatternMatcherPass) else stage(graph)
                 counts[name] += int(found or 0)
+        if self.merge_projections and not is_training_graph(graph):
+            counts["merge_projections"] = merge_projections(graph)  # last: the passes above keep the projections
         # A replacement lands where its pattern's first node was; an input defined
         # later (dynamic=True turns eps into a graph input cast just before use)
         # must be moved ahead of it, as Inductor's own joint passes do.
@@ -123,8 +129,10 @@ class CoherePassManager(CustomGraphPass):
             graphs.append(counts)
 
     def uuid(self) -> str:
-        key = f"{_source_hash()}|{','.join(self.passes)}|training={self.training_rewrites}|{torch.__version__}"
+        key = (f"{_source_hash()}|{','.join(self.passes)}|training={self.training_rewrites}"
+               f"|merge={self.merge_projections}|{torch.__version__}")
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __repr__(self) -> str:
-        return f"CoherePassManager(passes={list(self.passes)}, training_rewrites={self.training_rewrites})"
+        return (f"CoherePassManager(passes={list(self.passes)}, training_rewrites={self.training_rewrites}, "
+                f"merge_projections={self.merge_projections})")
