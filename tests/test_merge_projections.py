@@ -123,3 +123,22 @@ def test_merge_projections_refuses_a_model_without_plain_weights():
     assert ensure_colocated(model) == 0
     with pytest.raises(ValueError, match="merge_projections=True needs plain, bias-free"):
         cc.generate(model, [[5, 6, 7]], 2, merge_projections=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merged_projections_on_cuda_bf16_decode():
+    """On the GPU: bf16, CUDA-graph decode, where a one-row matmul is Inductor's GEMV
+    decomposition. Prefill and decode graphs each merge one block per layer, and the tokens
+    match cc.generate without merging for the first steps (sharp logits)."""
+    def build():
+        return cc.optimize(make_model(_config(), torch.bfloat16).cuda())
+
+    prompts = [[5, 9, 33, 7, 100], [11, 3, 60, 2, 8, 9, 10]]
+    want = cc.generate(build(), prompts, 12, stop_tokens=())
+    model = build()
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
+        got = cc.generate(model, prompts, 12, stop_tokens=(), merge_projections=True)
+    assert [r["merge_projections"] for r in rewrites] == [2, 2], rewrites
+    assert [t[:6] for t in got] == [t[:6] for t in want], (got, want)
+    assert cc.generate(model, prompts, 12, stop_tokens=(), merge_projections=True) == got  # replayed graph
