@@ -97,6 +97,26 @@ def _config():
     return cfg
 
 
+def test_colocating_keeps_the_model_and_its_checkpoint(tmp_path):
+    """Same Parameter objects and values, one buffer per layer, and save_pretrained /
+    from_pretrained round-trip the weights (views of one buffer are saved as separate tensors)."""
+    import transformers
+
+    model = make_model(_config())
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    assert not all_colocated(model)
+    assert ensure_colocated(model) == 2 and all_colocated(model)
+    assert dict(model.named_parameters()) == params
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    layer = model.model.layers[0]
+    block = layer.self_attn.q_proj.weight.untyped_storage()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == block.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = transformers.CohereForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in loaded.named_parameters())
+
+
 def test_generate_with_merged_projections_matches_eager_and_survives_moved_weights():
     ref, model = make_model(_config()), cc.optimize(make_model(_config()))
     params_before = dict(model.named_parameters())
