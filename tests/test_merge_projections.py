@@ -137,6 +137,20 @@ def test_generate_with_merged_projections_matches_eager_and_survives_moved_weigh
     assert all_colocated(model)
 
 
+def test_merged_projections_feed_every_other_pass():
+    """With every pass on, the ops downstream of the merge (QK norm + RoPE, attention, SwiGLU)
+    read slices of the merged output: still the eager tokens, every rewrite still there."""
+    ref, model = make_model(_config()), cc.optimize(make_model(_config()), passes=cc.PASS_NAMES)
+    prompts = [[5, 9, 33, 7, 100], [11, 3, 60, 2, 8, 9, 10]]
+    want = cc.generate(ref, prompts, 8, stop_tokens=(), compiled=False)
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
+        assert cc.generate(model, prompts, 8, stop_tokens=(), merge_projections=True) == want
+    prefill, decode = rewrites
+    assert prefill["merge_projections"] == decode["merge_projections"] == 2
+    assert prefill["qk_norm_rope"] == prefill["swiglu"] == prefill["attention"] == 2
+    assert decode["paged_attention"] == decode["swiglu"] == decode["qk_norm_rope"] == 2
+
+
 def test_merge_projections_refuses_a_model_without_plain_weights():
     model = make_model(tiny_config(False, 2))
     cc.optimize(model, quantize="int4", group_size=32)
