@@ -70,6 +70,26 @@ def test_pass_merges_only_weights_that_are_back_to_back(colocated, gap, merged, 
     assert all(torch.allclose(g.float(), w.float(), atol=1e-2, rtol=1e-2) for g, w in zip(gm(x, *ws), fn(x, *ws)))
 
 
+def test_pass_orders_the_graph_it_is_given():
+    """Earlier passes leave replacements where their pattern began, so a node can precede its
+    input when this pass runs (seen in the CPU suite with dynamic shapes): it must not trip."""
+    x, ws = torch.randn(1, 1, 64, dtype=torch.bfloat16), weights(True)
+    fn = three(mm_form)
+    gm = make_fx(fn, tracing_mode="fake")(x, *ws)
+    mm = next(n for n in gm.graph.nodes if n.target == aten.mm.default)
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes)).next):  # right after the first placeholder
+        early = gm.graph.call_function(aten.neg.default, (mm,))  # uses mm before mm is defined
+    early.meta["val"] = mm.meta["val"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = ((*output.args[0], early),)
+    assert merge_projections(gm.graph) == 1
+    gm.recompile()
+    *got, negated = gm(x, *ws)
+    want = fn(x, *ws)
+    assert torch.allclose(negated.float(), -want[0].float(), atol=1e-2, rtol=1e-2)
+    assert all(torch.allclose(g.float(), w.float(), atol=1e-2, rtol=1e-2) for g, w in zip(got, want))
+
+
 def test_pass_recognises_inductors_cuda_gemv_decomposition():
     """The exact graph Inductor's decomposition makes for F.linear on a one-row CUDA input under
     coordinate-descent tuning (traced with fake CUDA tensors: no GPU needed; fake CUDA views

@@ -18,6 +18,7 @@ enables it for its own compiled forwards and checks the layout before every call
 from __future__ import annotations
 
 import torch
+from torch._inductor.pattern_matcher import stable_topological_sort
 
 NAME = "merge_projections"
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -165,7 +166,11 @@ def _merge(graph: torch.fx.Graph, group: list[_Projection], order: dict) -> None
 
 def merge_projections(graph: torch.fx.Graph) -> int:
     """Rewrite every mergeable group; returns the number of groups merged."""
-    graph.eliminate_dead_code()  # dead users (e.g. casts a decomposition left) would hide single-use chains
+    # The passes before this one leave their replacements where their patterns began: order the
+    # graph first (this pass inserts relative to node order), then drop dead users (e.g. casts a
+    # decomposition left), which would hide single-use chains.
+    stable_topological_sort(graph)
+    graph.eliminate_dead_code()
     groups = _groups(graph)
     order = {node: i for i, node in enumerate(graph.nodes)}
     for group in groups:
