@@ -13,7 +13,7 @@ from .ops import UnsupportedInputError
 from .ops._dispatch import SUPPORTED_DEVICES, SUPPORTED_DTYPES
 from .passes import DEFAULT_PASSES
 from .passes.manager import validate_pass_names
-from .quant.int4 import INT4_KERNELS
+from .quant.int4 import check_int4_kernel
 from .regional import compile_regions
 from .training_outputs import drop_training_logits
 
@@ -139,10 +139,7 @@ def optimize(
         hf_default.hooked_signature(base_model(model))  # an unsupported transformers release fails before compiling
     if group_size != 128 and quantize != "int4":
         raise ValueError(f"group_size={group_size} applies to quantize='int4' only (quantize={quantize!r})")
-    if int4_kernel not in INT4_KERNELS:
-        raise ValueError(f"int4_kernel={int4_kernel!r} is not supported; use one of {INT4_KERNELS}")
-    if int4_kernel != "torchao" and quantize != "int4":
-        raise ValueError(f"int4_kernel={int4_kernel!r} applies to quantize='int4' only (quantize={quantize!r})")
+    check_int4_kernel(int4_kernel, quantize)
     if quantize is not None:
         from .quant import quantize_model
 

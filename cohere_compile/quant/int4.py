@@ -23,10 +23,21 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_KERNELS = ("torchao", "triton", "gemlite")
 
 
-def gemlite_config(device: torch.device, dtype: torch.dtype, group_size: int):
-    """torchao's gemlite-backed int4 weight-only config, with clear errors where it cannot run."""
+def check_int4_kernel(int4_kernel: str, quantize: str | None) -> None:
+    if int4_kernel not in INT4_KERNELS:
+        raise ValueError(f"int4_kernel={int4_kernel!r} is not supported; use one of {INT4_KERNELS}")
+    if int4_kernel != "torchao" and quantize != "int4":
+        raise ValueError(f"int4_kernel={int4_kernel!r} applies to quantize='int4' only (quantize={quantize!r})")
+
+
+def check_group_size(group_size: int) -> None:
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"quantize='int4': group_size={group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+
+
+def gemlite_config(device: torch.device, dtype: torch.dtype, group_size: int):
+    """torchao's gemlite-backed int4 weight-only config, with clear errors where it cannot run."""
+    check_group_size(group_size)
     if device.type != "cuda":
         raise UnsupportedInputError(
             f"quantize='int4', int4_kernel='gemlite' runs gemlite's Triton kernels on CUDA only, but the model is on "
@@ -51,8 +62,7 @@ def gemlite_config(device: torch.device, dtype: torch.dtype, group_size: int):
 def int4_config(device: torch.device, dtype: torch.dtype, group_size: int):
     from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
 
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"quantize='int4': group_size={group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+    check_group_size(group_size)
     if device.type == "cuda":
         if dtype != torch.bfloat16:
             raise UnsupportedInputError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .int4 import INT4_GROUP_SIZES, INT4_KERNELS, gemlite_config, int4_config
+from .int4 import check_group_size, check_int4_kernel, gemlite_config, int4_config
 from .int4_triton import Int4TritonLinear
 from .nf4 import nf4_weight
 
@@ -70,10 +70,7 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"quantize={method!r} is not supported; use one of {QUANT_METHODS} or None")
-    if int4_kernel not in INT4_KERNELS:
-        raise ValueError(f"int4_kernel={int4_kernel!r} is not supported; use one of {INT4_KERNELS}")
-    if int4_kernel != "torchao" and method != "int4":
-        raise ValueError(f"int4_kernel={int4_kernel!r} applies to quantize='int4' only (quantize={method!r})")
+    check_int4_kernel(int4_kernel, method)
     if model.get_output_embeddings() is None:
         raise TypeError(f"quantize={method!r} needs a causal-LM model with an LM head (CohereForCausalLM), "
                         f"got {type(model).__name__}")
@@ -97,8 +94,8 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
             config = int4_config(target, weight.dtype, group_size)
         elif int4_kernel == "gemlite":
             config = gemlite_config(target, weight.dtype, group_size)
-        elif group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"quantize='int4': group_size={group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+        else:
+            check_group_size(group_size)
         targets = linears + [("lm_head", head)]
         for name, module in targets:  # check everything before changing anything
             if module.in_features % group_size:
