@@ -20,13 +20,11 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import stable_topological_sort
 
+from .attention import _set_fake_val, _val
+
 NAME = "merge_projections"
 aten, prims = torch.ops.aten, torch.ops.prims
 _CONVERT = prims.convert_element_type.default
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _hashable(args) -> tuple:
@@ -133,11 +131,7 @@ def _groups(graph: torch.fx.Graph) -> list[list[_Projection]]:
 
 def _call(graph: torch.fx.Graph, target, args) -> torch.fx.Node:
     node = graph.call_function(target, args)
-    vals = torch.fx.map_arg(args, _val)
-    fake_mode = torch._guards.detect_fake_mode([v for v in torch.utils._pytree.tree_leaves(vals)
-                                                if isinstance(v, torch.Tensor)])
-    with fake_mode:
-        node.meta["val"] = target(*vals)
+    _set_fake_val(node)
     return node
 
 
