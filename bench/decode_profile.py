@@ -7,12 +7,12 @@ Two parts, each optional (GPU only):
   projection-merging pass could save.
 - ``--variants``: a torch.profiler trace of whole calls, per generated token: wall time, the sum of
   CUDA kernel time (wall minus that = the GPU waiting on the host), and the top kernels.
-  ``bf16`` / ``int4`` / ``frozen`` (Inductor freezing) / ``combo`` (Inductor combo kernels) /
-  ``merged`` (``merge_projections=True``) run ``cc.generate``; ``hf_paged`` /
+  bench/decode.py's ``ours`` / ``ours_frozen`` / ``ours_combo`` / ``ours_merged``, and ``int4``
+  (``cc.optimize(quantize="int4")``), run ``cc.generate``; ``hf_paged`` /
   ``hf_dynamic`` run ``model.generate`` after ``cc.optimize(model, paged_cache=True / False)``.
 
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/decode_profile.py --layers 32 --gemm \\
-        --variants bf16,int4
+        --variants ours,int4
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/decode_profile.py --layers 16 --variants hf_paged,hf_dynamic
 
 Measured 2026-11-29 on the H200 with an earlier form of this script:
@@ -30,12 +30,10 @@ import torch
 
 import cohere_compile as cc
 from bench.common import SHAPES, build_model, cuda_graph_time_s, environment, write_json
+from bench.decode import OUR_VARIANTS
 
-# cc.generate variants -> Inductor options on top of its defaults. combo: Inductor's combo kernels
-# horizontally fuse independent kernels (e.g. the q/k/v GEMV reductions) into one launch.
-# merged: cc.generate(merge_projections=True), q/k/v/gate/up as one matmul per layer.
-GENERATE_VARIANTS = {"bf16": {}, "int4": {}, "frozen": {"inductor_options": {"freezing": True}},
-                     "combo": {"inductor_options": {"combo_kernels": True}}, "merged": {"merge_projections": True}}
+# cc.generate variants -> its keyword arguments: bench/decode.py's, and int4 (quantized in prepared())
+GENERATE_VARIANTS = {**OUR_VARIANTS, "int4": {}}
 HF_VARIANTS = ("hf_paged", "hf_dynamic")
 
 

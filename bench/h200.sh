@@ -45,7 +45,7 @@ stage() {
     paged-kernel) python3 bench/paged_kernel.py ;;
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
     prefill) python3 bench/prefill.py --ablation ;;
-    decode-profile) python3 bench/decode_profile.py --layers 32 --gemm --variants bf16,merged ;;
+    decode-profile) python3 bench/decode_profile.py --layers 32 --gemm --variants ours,ours_merged ;;
     decode-b1-merged) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_merged --tag _b1_merged ;;
     decode-ragged-merged) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_merged \
                             --tag _ragged_merged ;;
