@@ -55,7 +55,7 @@ stage() {
   esac
 }
 
-gpu=0
+gpu=${FIRST_GPU:-0}  # FIRST_GPU=1: this call's stages start on GPU 1 (another script holds GPU 0)
 for name in "$@"; do
   (CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$gpu timeout "$LIMIT" \
      bash -c "$(declare -f stage); stage $name" > "$OUT/$name.log" 2>&1; echo "$name: exit $?") &

@@ -181,6 +181,17 @@ def test_gemlite_int4_kernel_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "gemlite", None)  # as if not installed
     with pytest.raises(ImportError, match="needs the gemlite package: pip install"):
         gemlite_config(torch.device("cuda"), torch.bfloat16, 128)
+    # gemlite 0.6 changed its layers' tensors; torchao 0.18 cannot read them (found on the H200)
+    import importlib.metadata
+    import types
+
+    import torchao
+
+    monkeypatch.setitem(__import__("sys").modules, "gemlite", types.ModuleType("gemlite"))
+    monkeypatch.setattr(torchao, "__version__", "0.18.0")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: {"gemlite": "0.6.0.post2"}[name])
+    with pytest.raises(ImportError, match=r"gemlite 0.6.0.post2 is installed .*pip install 'gemlite>=0.5,<0.6'"):
+        gemlite_config(torch.device("cuda"), torch.bfloat16, 128)
     with pytest.raises(ValueError, match="int4_kernel='gemlite' applies to quantize='int4' only"):
         cc.optimize(model, int4_kernel="gemlite")
 

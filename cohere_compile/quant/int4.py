@@ -53,10 +53,31 @@ def gemlite_config(device: torch.device, dtype: torch.dtype, group_size: int):
     except ImportError as e:
         raise ImportError("quantize='int4', int4_kernel='gemlite' needs the gemlite package: "
                           "pip install 'cohere_compile[gemlite]' (or pip install gemlite)") from e
+    _check_gemlite_version()
     from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
 
     # set_inductor_config=False: torchao would otherwise change global Inductor settings behind our back
     return UIntxWeightOnlyConfig(group_size=group_size, bit_width=4, set_inductor_config=False)
+
+
+def _check_gemlite_version() -> None:
+    """torchao <= 0.18 unpacks three tensors from gemlite's layers; gemlite 0.6 returns four
+    (a meta scale), and quantizing then dies deep inside torchao. Say so up front."""
+    from importlib.metadata import version
+
+    import torchao
+
+    gemlite_version, torchao_version = version("gemlite"), torchao.__version__
+    if _major_minor(gemlite_version) >= (0, 6) and _major_minor(torchao_version) <= (0, 18):
+        raise ImportError(
+            f"quantize='int4', int4_kernel='gemlite': torchao {torchao_version} works with gemlite 0.5, but gemlite "
+            f"{gemlite_version} is installed (its layers changed in 0.6); pip install 'gemlite>=0.5,<0.6'"
+        )
+
+
+def _major_minor(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def int4_config(device: torch.device, dtype: torch.dtype, group_size: int):
