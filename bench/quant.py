@@ -209,6 +209,8 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
 
                 quantize = "int4" if variant.startswith("int4") else None
                 kernel = INT4_KERNEL_OF.get(variant, "torchao")
+                if kernel == "gemlite":
+                    model.half()  # torchao's gemlite tensors compute in fp16 (same bytes as bf16)
                 r = decode_generate(cc.optimize(model, quantize=quantize, group_size=args.group_size,
                                                 int4_kernel=kernel), args)
                 print(f"decode {variant}: {r['tokens_per_s']:.1f} tok/s", flush=True)

@@ -174,13 +174,14 @@ def test_gemlite_int4_kernel_refuses_what_it_cannot_run(monkeypatch):
         cc.optimize(model, quantize="int4", int4_kernel="gemlite", group_size=GROUP)
     assert not any(is_quantized(p) for p in model.parameters())
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    with pytest.raises(cc.UnsupportedInputError, match="needs bfloat16 or float16"):
-        gemlite_config(torch.device("cuda"), torch.float32, 128)
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(cc.UnsupportedInputError, match="needs float16 weights .* model.half()"):
+            gemlite_config(torch.device("cuda"), dtype, 128)
     with pytest.raises(ValueError, match="group_size=48"):
-        gemlite_config(torch.device("cuda"), torch.bfloat16, 48)
+        gemlite_config(torch.device("cuda"), torch.float16, 48)
     monkeypatch.setitem(__import__("sys").modules, "gemlite", None)  # as if not installed
     with pytest.raises(ImportError, match="needs the gemlite package: pip install"):
-        gemlite_config(torch.device("cuda"), torch.bfloat16, 128)
+        gemlite_config(torch.device("cuda"), torch.float16, 128)
     # gemlite 0.6 changed its layers' tensors; torchao 0.18 cannot read them (found on the H200)
     import importlib.metadata
     import types
@@ -191,7 +192,7 @@ def test_gemlite_int4_kernel_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setattr(torchao, "__version__", "0.18.0")
     monkeypatch.setattr(importlib.metadata, "version", lambda name: {"gemlite": "0.6.0.post2"}[name])
     with pytest.raises(ImportError, match=r"gemlite 0.6.0.post2 is installed .*pip install 'gemlite>=0.5,<0.6'"):
-        gemlite_config(torch.device("cuda"), torch.bfloat16, 128)
+        gemlite_config(torch.device("cuda"), torch.float16, 128)
     with pytest.raises(ValueError, match="int4_kernel='gemlite' applies to quantize='int4' only"):
         cc.optimize(model, int4_kernel="gemlite")
 

@@ -58,7 +58,33 @@ def meta_val(match: Match, name: str):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
 
 
-def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict, trace_fn=fwd_only) -> PatternExpr:
+def fold_round_trip_casts(graph: torch.fx.Graph) -> None:
+    """``convert(convert(x, narrower), wider)`` -> ``convert(x, wider)`` (or just ``x`` when it
+    already has the wider dtype), where the narrow cast has no other user: what torch 2.11's
+    joint-graph ``pointless_convert`` does to a training graph (torch 2.13 keeps the rounding).
+    In a bf16 peft LoRA graph it turns the gate gradient's bf16 round trip into one fp32 no-op
+    cast, so a pattern traced with the round trip misses it. A pattern folded here ends at
+    the value before the no-op cast, which matches with or without it."""
+    convert = torch.ops.prims.convert_element_type.default
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for node in list(graph.nodes):
+        inner = node.args[0] if node.target is convert else None
+        if not (isinstance(inner, torch.fx.Node) and inner.target is convert and len(inner.users) == 1):
+            continue
+        source = inner.args[0]
+        dtype = getattr(source.meta.get("val"), "dtype", None) if isinstance(source, torch.fx.Node) else None
+        if not (dtype in floats and inner.args[1] in floats and node.args[1] in floats):
+            continue
+        if dtype == node.args[1]:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+        else:
+            node.args = (source, node.args[1])
+        graph.erase_node(inner)
+
+
+def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict, trace_fn=fwd_only,
+                   fold_casts: bool = False) -> PatternExpr:
     """Trace ``search_fn`` into a pattern that ignores shapes but keeps every other int.
 
     Inductor's own patterns ignore all ints on the first match and re-trace with the
@@ -69,6 +95,9 @@ def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict,
     static and dynamic graphs alike.
     """
     _, gm = gen_pattern_and_search_gm(search_fn, example_inputs, trace_fn, scalars)
+    if fold_casts:
+        fold_round_trip_casts(gm.graph)
+        gm.recompile()
     joint = trace_fn is joint_fwd_bwd
     for node in gm.graph.nodes:
         if node.target in _SHAPE_OPS:
@@ -97,6 +126,8 @@ def register(
     extra_check: Callable[[Match], bool] | None = None,
     grad_variants: Sequence[Sequence[str]] = (),
     inference: bool = True,
+    dtypes: Sequence[torch.dtype] | None = None,
+    fold_casts: bool = False,
 ) -> None:
     """Register ``search_fn -> replace_fn`` for fp32 and low-precision graphs.
 
@@ -105,22 +136,26 @@ def register(
     transposed view adds a ``clone``). Variants that trace to the same pattern are
     registered once. Each entry of ``grad_variants`` names the arguments that require
     grad in one training-graph (``joint_fwd_bwd``) variant, registered after the
-    forward-only ones. ``inference=False`` registers the training variants only.
+    forward-only ones. ``inference=False`` registers the training variants only. ``dtypes``
+    replaces the traced dtypes; ``fold_casts`` traces the torch 2.11 form of the graph
+    (``fold_round_trip_casts``).
     """
     # Patterns are built once per process, on first use; that may happen under
     # torch.inference_mode (e.g. generate), where register_replacement drops joint
     # (training) patterns for good. Build outside it.
     with torch.inference_mode(False):
-        _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference)
+        _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference,
+                  dtypes, fold_casts)
 
 
-def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference):
+def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference,
+              dtypes=None, fold_casts=False):
     scalars = dict(scalars or {})
     seen = getattr(patterns, "_cohere_seen", set())
     patterns._cohere_seen = seen
     argnames = list(inspect.signature(search_fn).parameters)
     traces = [(fwd_only, ())] * inference + [(joint_fwd_bwd, tuple(names)) for names in grad_variants]
-    dtypes = {fwd_only: TRACE_DTYPES, joint_fwd_bwd: JOINT_TRACE_DTYPES}
+    dtypes = {fwd_only: dtypes or TRACE_DTYPES, joint_fwd_bwd: dtypes or JOINT_TRACE_DTYPES}
     for (trace_fn, grad_names), dtype in ((t, d) for t in traces for d in dtypes[t[0]]):
         examples = list(make_inputs(dtype))
         variants = examples if isinstance(examples[0], (list, tuple)) else [examples]
@@ -129,7 +164,7 @@ def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check
                 x.detach().requires_grad_(name in grad_names) if isinstance(x, torch.Tensor) else x
                 for name, x in zip(argnames, inputs)
             ]
-            pattern = strict_pattern(search_fn, inputs, scalars, trace_fn)
+            pattern = strict_pattern(search_fn, inputs, scalars, trace_fn, fold_casts)
             key = (search_fn.__qualname__, trace_fn.__name__, grad_names, str(pattern))
             if key in seen:
                 continue

@@ -43,10 +43,13 @@ def gemlite_config(device: torch.device, dtype: torch.dtype, group_size: int):
             f"quantize='int4', int4_kernel='gemlite' runs gemlite's Triton kernels on CUDA only, but the model is on "
             f"'{device.type}'; move it to a GPU first, or use int4_kernel='torchao' (the default) on CPU"
         )
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype != torch.float16:
+        # torchao's gemlite path builds fp16 scales, so gemlite's kernels compute in fp16 and a bf16
+        # activation fails inside Triton ("Both operands must be same dtype", seen on the H200)
         raise UnsupportedInputError(
-            f"quantize='int4', int4_kernel='gemlite' needs bfloat16 or float16 weights, but the model is {dtype}; "
-            f"cast it first: model.to(torch.bfloat16)"
+            f"quantize='int4', int4_kernel='gemlite' needs float16 weights (torchao's gemlite tensors compute "
+            f"in fp16), but the model is {dtype}; cast it first: model.half(), or use int4_kernel='torchao' "
+            f"for a bf16 model"
         )
     try:
         import gemlite  # noqa: F401
