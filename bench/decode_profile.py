@@ -7,7 +7,7 @@ Two parts, each optional (GPU only):
   projection-merging pass could save.
 - ``--variants``: a torch.profiler trace of whole calls, per generated token: wall time, the sum of
   CUDA kernel time (wall minus that = the GPU waiting on the host), and the top kernels.
-  bench/decode.py's ``ours`` / ``ours_frozen`` / ``ours_combo`` / ``ours_merged``, and ``int4``
+  bench/decode.py's ``ours`` / ``ours_frozen`` / ``ours_combo`` / ``ours_unmerged``, and ``int4``
   (``cc.optimize(quantize="int4")``), run ``cc.generate``; ``hf_paged`` /
   ``hf_dynamic`` run ``model.generate`` after ``cc.optimize(model, paged_cache=True / False)``.
 

@@ -45,9 +45,9 @@ stage() {
     paged-kernel) python3 bench/paged_kernel.py ;;
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
     prefill) python3 bench/prefill.py --ablation ;;
-    decode-profile) python3 bench/decode_profile.py --layers 32 --gemm --variants ours,ours_merged ;;
-    decode-b1-merged) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_merged --tag _b1_merged ;;
-    decode-ragged-merged) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_merged \
+    decode-profile) python3 bench/decode_profile.py --layers 32 --gemm --variants ours,ours_unmerged ;;
+    decode-b1-merged) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_unmerged --tag _b1_merged ;;
+    decode-ragged-merged) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_unmerged \
                             --tag _ragged_merged ;;
     hf-generate-profile) python3 bench/decode_profile.py --layers 16 --variants hf_paged,hf_dynamic \
                            --prompt 512 --name decode_profile_aya-8b_L16_hf.json ;;

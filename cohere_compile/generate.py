@@ -129,6 +129,19 @@ def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: 
     return cached[key]
 
 
+def _merge_projections(model, requested: bool | None, compiled: bool, device: torch.device) -> bool:
+    """Whether this call computes q/k/v and gate/up as one matmul each (co-locating the weights
+    first: the merged graphs read each group as one block, so the layout is checked every call)."""
+    if not compiled or requested is False or (requested is None and device.type != "cuda"):
+        return False
+    if ensure_colocated(base_model(model)):
+        return True
+    if requested:
+        raise ValueError("generate: merge_projections=True needs plain, bias-free q/k/v/gate/up weights of one "
+                         "dtype; this model has none (quantized?). Call without merge_projections.")
+    return False  # the default on a model that cannot be merged (e.g. int4): separate matmuls
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -148,7 +161,7 @@ def generate(
     seed: int | None = None,
     stats: dict | None = None,
     inductor_options: dict | None = None,
-    merge_projections: bool = False,
+    merge_projections: bool | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for every prompt; returns one list of new
     token ids per prompt (prompt excluded, stop token included when one ends it).
@@ -162,10 +175,12 @@ def generate(
     timings: prefill_s, decode_s (wall, synchronised), decode_steps, prefills.
     ``compiled=False`` runs the model's eager forward (a reference path). ``inductor_options``
     are Inductor config patches for the compiled prefill and decode (on top of those given
-    to ``cc.optimize``). ``merge_projections=True`` (opt-in, not yet measured on a GPU) puts each
-    layer's q/k/v and gate/up weights back to back in memory (``colocate.py``; same parameters and
-    values) and computes each group as one matmul (``passes/merge_projections.py``); the layout is
-    checked, and restored if something moved the weights, before every call.
+    to ``cc.optimize``). ``merge_projections`` puts each layer's q/k/v and gate/up weights back to
+    back in memory (``colocate.py``; same parameters and values) and computes each group as one
+    matmul (``passes/merge_projections.py``); the layout is checked, and restored if something moved
+    the weights, before every call. Default (``None``): on for a compiled CUDA model with plain
+    weights (H200, Aya-8B: decode steps 8-9% faster at batch 1 and 32), off otherwise (CPU is not
+    measured; quantized weights cannot be merged). ``True`` on a model that cannot be merged raises.
     """
     check_model(model)
     prompts = _as_token_lists(prompts)
@@ -195,11 +210,7 @@ def generate(
     cache.host_managed = True
     sampler = _Sampler(temperature, top_k, top_p, seed, device)
     stop = _stop_set(model, stop_tokens)
-    merge_projections = merge_projections and compiled
-    if merge_projections and not ensure_colocated(base_model(model)):
-        # (the merged graphs read each group as one block: the layout is checked every call)
-        raise ValueError("generate: merge_projections=True needs plain, bias-free q/k/v/gate/up weights of one "
-                         "dtype; this model has none (quantized?). Call without merge_projections.")
+    merge_projections = _merge_projections(model, merge_projections, compiled, device)
     prefill_forward, decode = _compiled_forwards(model, cache, compiled, cuda_graphs, inductor_options,
                                                  merge_projections)
     bs = cache.block_size

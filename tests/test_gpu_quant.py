@@ -29,7 +29,7 @@ def dequantized(w: torch.Tensor) -> torch.Tensor:
     """Any 4-bit weight as the dense matrix it multiplies by (tinygemm has no dequantize: apply it to I)."""
     if hasattr(w, "get_original_weight"):
         return w.get_original_weight()
-    eye = torch.eye(w.shape[1], device=w.device, dtype=torch.bfloat16)
+    eye = torch.eye(w.shape[1], device=w.device, dtype=w.dtype)
     return F.linear(eye, w).t().contiguous()
 
 

@@ -179,6 +179,23 @@ def test_merge_projections_refuses_a_model_without_plain_weights():
         cc.generate(model, [[5, 6, 7]], 2, merge_projections=True)
 
 
+def test_generate_merges_by_default_only_on_cuda_models_that_can_be_merged():
+    """The default (None) was measured faster on the H200 only: CPU models keep their layout; a
+    CUDA model is co-located (checked here through the decision alone, on a CPU model); an
+    int4 model quietly keeps separate matmuls, where an explicit True raises (test above)."""
+    from cohere_compile.generate import _merge_projections
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    model = make_model(tiny_config(False, 2))
+    assert not _merge_projections(model, None, True, cpu) and not all_colocated(model)
+    assert not _merge_projections(model, None, False, cuda) and not all_colocated(model)  # eager path
+    assert not _merge_projections(model, False, True, cuda) and not all_colocated(model)
+    assert _merge_projections(model, None, True, cuda) and all_colocated(model)
+    quantized = make_model(tiny_config(False, 2))
+    cc.optimize(quantized, quantize="int4", group_size=32)
+    assert not _merge_projections(quantized, None, True, cuda)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_merged_projections_on_cuda_bf16_decode():
@@ -189,10 +206,10 @@ def test_merged_projections_on_cuda_bf16_decode():
         return cc.optimize(make_model(_config(), torch.bfloat16).cuda())
 
     prompts = [[5, 9, 33, 7, 100], [11, 3, 60, 2, 8, 9, 10]]
-    want = cc.generate(build(), prompts, 12, stop_tokens=())
+    want = cc.generate(build(), prompts, 12, stop_tokens=(), merge_projections=False)
     model = build()
     with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
-        got = cc.generate(model, prompts, 12, stop_tokens=(), merge_projections=True)
+        got = cc.generate(model, prompts, 12, stop_tokens=())  # merged by default on CUDA
     assert [r["merge_projections"] for r in rewrites] == [2, 2], rewrites
     assert [t[:6] for t in got] == [t[:6] for t in want], (got, want)
     assert cc.generate(model, prompts, 12, stop_tokens=(), merge_projections=True) == got  # replayed graph
