@@ -1,4 +1,7 @@
-"""``attention``: the attention core -> ``cohere::flash_attention`` with native GQA.
+"""``attention``: the attention core -> ``cohere::flash_attention`` with native GQA, or, where the
+mask is plain causality over a block without history (no padding, no cache: HF's mask built
+from sizes alone, ``causal_mask.py``), ``cohere::causal_attention`` (SDPA with ``is_causal``:
+FlashAttention on CUDA).
 
 Three graph shapes reach us:
 - HF ``sdpa``: by the joint graph SDPA is already lowered to a device-specific aten
@@ -18,7 +21,10 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topological_sort
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from ._patterns import SCALE_PLACEHOLDER, register
+from .causal_mask import is_plain_causal
 
 NAME = "attention"
 aten = torch.ops.aten
@@ -69,6 +75,14 @@ def peel_repeat_kv(node: torch.fx.Node) -> torch.fx.Node:
     return kv
 
 
+def _plain_causal(mask, is_causal: bool, q_val, k_val) -> bool:
+    """Attention that is exactly causal over a block without history: HF's size-only mask
+    (no padding, no cache prefix; see causal_mask.py), or no mask with ``is_causal`` and Q == K."""
+    if mask is None:
+        return is_causal and statically_known_true(q_val.shape[2] == k_val.shape[2])
+    return not is_causal and isinstance(mask, torch.fx.Node) and is_plain_causal(mask)
+
+
 def rewrite_sdpa(graph: torch.fx.Graph, accept=None) -> int:
     """Replace lowered SDPA nodes whose only used output is the attention result
     (and, when given, for which ``accept(q, k, v)`` holds, K/V with repeat_kv peeled)."""
@@ -96,14 +110,16 @@ def rewrite_sdpa(graph: torch.fx.Graph, accept=None) -> int:
         if accept is not None and not accept(q, k, v):
             continue
         mask = bound.get(mask_arg) if mask_arg else None
+        is_causal = bool(bound.get("is_causal") or False)
         scale = bound.get("scale")
         if scale is None:
             scale = q_val.shape[-1] ** -0.5
         with graph.inserting_before(node):
-            new = graph.call_function(
-                torch.ops.cohere.flash_attention.default,
-                (q, k, v, mask, float(scale), bool(bound.get("is_causal") or False)),
-            )
+            if _plain_causal(mask, is_causal, q_val, k_val):
+                new = graph.call_function(torch.ops.cohere.causal_attention.default, (q, k, v, float(scale)))
+            else:
+                new = graph.call_function(torch.ops.cohere.flash_attention.default,
+                                          (q, k, v, mask, float(scale), is_causal))
         _set_fake_val(new)
         for u in users:
             if u.args[1] == 0:
