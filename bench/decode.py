@@ -15,6 +15,8 @@ Peers, all in the same run:
 - ``ours_frozen``: the same with Inductor freezing (not in the default peer list).
 - ``ours_combo``: the same with Inductor combo kernels (not in the default peer list).
 - ``ours_unmerged``: the same with ``merge_projections=False`` (not in the default peer list).
+- ``ours_no_swiglu``: the same without the swiglu pass in generate's graphs (only paged_attention),
+  so Inductor can fuse silu(gate) * up into the down projection's GEMV (not in the default list).
 
 tokens/s = generated tokens / wall time of the whole call (prefill included), after a
 warm-up call. For ours we also report decode-only tokens/s (prefill excluded). The
@@ -49,7 +51,8 @@ from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_ti
 # H200 (decode_aya-8b_L32_{b1,ragged}_merged.json, where "ours_merged" is today's "ours").
 OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": True}},
                 "ours_combo": {"inductor_options": {"combo_kernels": True}},
-                "ours_unmerged": {"merge_projections": False}}
+                "ours_unmerged": {"merge_projections": False},
+                "ours_no_swiglu": {"passes": []}}
 
 
 def make_prompts(lengths, vocab, seed=0):

@@ -27,6 +27,7 @@ from .backend import make_backend
 from .cache import PagedKVCache
 from .cache.paged_cache import pinned
 from .colocate import ensure_colocated
+from .passes.manager import validate_pass_names
 
 TokenCallback = Callable[[int, int], None]  # (prompt index, new token id)
 
@@ -94,7 +95,8 @@ CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True}
 
 
 def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: bool | None,
-                       inductor_options: dict | None = None, merge_projections: bool = False):
+                       inductor_options: dict | None = None, merge_projections: bool = False,
+                       passes: Sequence[str] | None = None):
     """(prefill, decode): the model's forward compiled with our passes (paged_attention
     included). Decode is one fixed-shape graph, a CUDA graph on CUDA unless
     ``cuda_graphs=False``; prefill is one graph for every prompt length (dynamic).
@@ -110,7 +112,8 @@ def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: 
             "whole-model step. Use cc.optimize(model) without regional=True for inference, or pass compiled=False."
         )
     on_cuda = cache.device.type == "cuda"
-    passes = tuple(dict.fromkeys(options_of(model).passes + ("paged_attention",)))
+    chosen = options_of(model).passes if passes is None else tuple(validate_pass_names(passes))
+    passes = tuple(dict.fromkeys((*chosen, "paged_attention")))
     cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
     user = {**options_of(model).inductor, **(inductor_options or {})}
     decode_options = {**(CUDA_DECODE_INDUCTOR if on_cuda else {}), **user}
@@ -162,6 +165,7 @@ def generate(
     stats: dict | None = None,
     inductor_options: dict | None = None,
     merge_projections: bool | None = None,
+    passes: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for every prompt; returns one list of new
     token ids per prompt (prompt excluded, stop token included when one ends it).
@@ -181,6 +185,8 @@ def generate(
     the weights, before every call. Default (``None``): on for a compiled CUDA model with plain
     weights (H200, Aya-8B: decode steps 8-9% faster at batch 1 and 32), off otherwise (CPU is not
     measured; quantized weights cannot be merged). ``True`` on a model that cannot be merged raises.
+    ``passes`` chooses the passes of generate's own graphs (default: those ``cc.optimize`` chose);
+    ``paged_attention`` is always added.
     """
     check_model(model)
     prompts = _as_token_lists(prompts)
@@ -212,7 +218,7 @@ def generate(
     stop = _stop_set(model, stop_tokens)
     merge_projections = _merge_projections(model, merge_projections, compiled, device)
     prefill_forward, decode = _compiled_forwards(model, cache, compiled, cuda_graphs, inductor_options,
-                                                 merge_projections)
+                                                 merge_projections, passes)
     bs = cache.block_size
 
     results: list[list[int]] = [[] for _ in prompts]

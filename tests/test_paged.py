@@ -207,6 +207,8 @@ def test_generate_rejects_bad_requests_before_running():
         cc.generate(model, torch.ones(2, 3, dtype=torch.long), 4)
     with pytest.raises(cc.UnsupportedModelError):
         cc.generate(torch.nn.Linear(2, 2), [[1]], 4)
+    with pytest.raises(ValueError, match="unknown pass name"):
+        cc.generate(model, [[5, 6]], 2, passes=["swiglu", "bogus"])
     regional = cc.optimize(_model(False, 2), regional=True)
     with pytest.raises(ValueError, match="regional=True"):
         cc.generate(regional, [[5, 6]], 2)
@@ -233,6 +235,18 @@ def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn):
     assert rep.matches["paged_attention"] == model.config.num_hidden_layers
     assert rep.expected["paged_attention"] == model.config.num_hidden_layers
     assert rep.graph_breaks == 0 and "paged_attention" not in rep.missing
+
+
+def test_generate_passes_choose_its_graphs_rewrites():
+    """``passes`` replaces cc.optimize's choice for generate's own graphs (paged_attention stays)."""
+    from cohere_compile.passes import recording
+
+    model = cc.optimize(_model(False, 2))  # default passes: swiglu among them
+    prompts = _prompts([7, 4])
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
+        tokens = cc.generate(model, prompts, 3, stop_tokens=(), passes=[])
+    assert rewrites == [{"paged_attention": 0}, {"paged_attention": 2}]  # prefill, decode
+    assert tokens == [_hf_greedy(model, p, 3) for p in prompts]
 
 
 def test_generate_on_int4_model_matches_its_eager_path():
