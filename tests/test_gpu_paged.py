@@ -37,6 +37,16 @@ def test_paged_ops_match_reference_on_cuda(dtype):
     torch.ops.cohere.paged_kv_write(*ours, k, k, slots)
     R.paged_write(*ref, k, k, slots)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    # the same write fused with the step's QK-norm + RoPE
+    qh = torch.randn(6, h, 3, d, device=dev, dtype=dtype)
+    cos, sin = torch.randn(2, 1, 3, d, device=dev, dtype=dtype)
+    qw, kw = torch.randn(h, d, device=dev, dtype=dtype), torch.randn(hkv, d, device=dev, dtype=dtype)
+    ours, ref = (k_pool.clone(), v_pool.clone()), (k_pool.clone(), v_pool.clone())
+    q_out = torch.ops.cohere.qk_norm_rope_kv_write(qh, k, k, qw, kw, cos, sin, 1e-5, *ours, slots)
+    q_rot, k_rot = R.qk_norm_rope(qh, k, qw, kw, cos, sin, 1e-5)
+    R.paged_write(*ref, k_rot, k, slots)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert _rel(q_out, q_rot) < tol and _rel(ours[0], ref[0]) < tol and torch.equal(ours[1], ref[1])
 
 
 @pytest.mark.parametrize("use_qk_norm,kv_heads", [(False, 2), (True, 4)])
@@ -60,3 +70,11 @@ def test_generate_matches_hf_greedy_on_cuda(use_qk_norm, kv_heads):
     got = cc.generate(model, prompts, 20, stop_tokens=(), block_size=64, max_batch_size=3, stats=stats)
     assert got == refs
     assert stats["decode_steps"] > 0
+    # with qk_norm_rope on, each layer's rotation and cache write are one op in the decode graph
+    from cohere_compile.passes import recording
+
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
+        fused = cc.generate(model, prompts, 20, stop_tokens=(), block_size=64, max_batch_size=3,
+                            passes=["qk_norm_rope"])
+    assert fused == refs
+    assert any(r.get("rope_kv_write") == 2 and r["paged_attention"] == 2 for r in rewrites), rewrites

@@ -78,6 +78,28 @@ def test_paged_kv_write_matches_reference(dtype):
     assert torch.equal(ours[0][4, :, 1], k[1, :, 1])  # slot 17 = block 4, offset 1
 
 
+@pytest.mark.parametrize("dtype,qk_norm", [(torch.float32, True), (torch.bfloat16, False)])
+def test_qk_norm_rope_kv_write_matches_rope_then_write(dtype, qk_norm):
+    """The fused op = cohere::qk_norm_rope's reference, then paged_write of the rotated k and v."""
+    g = torch.Generator().manual_seed(3)
+    k_pool, v_pool = _pools(9, 3, 4, 10, dtype)
+    q = torch.randn(2, 5, 6, 10, generator=g).to(dtype).transpose(1, 2)  # GQA 6 / 3, HF's strides
+    k = torch.randn(2, 5, 3, 10, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(2, 3, 5, 10, generator=g).to(dtype)
+    cos, sin = (torch.randn(1, 5, 10, generator=g).to(dtype) for _ in range(2))
+    qw, kw = (torch.randn(h, 10, generator=g).to(dtype) if qk_norm else None for h in (6, 3))
+    slots = torch.tensor([[0, 1, 2, 3, 4], [-1, 17, 18, 35, -1]])
+    ours, ref = (k_pool.clone(), v_pool.clone()), (k_pool.clone(), v_pool.clone())
+    q_out = torch.ops.cohere.qk_norm_rope_kv_write(q, k, v, qw, kw, cos, sin, 1e-5, *ours, slots)
+    q_rot, k_rot = reference.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-5)
+    reference.paged_write(*ref, k_rot, v, slots)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(q_out, q_rot) < tol and rel_err(ours[0], ref[0]) < tol and torch.equal(ours[1], ref[1])
+    assert torch.equal(ours[0][6], k_pool[6])  # untouched block stays
+    with pytest.raises(ValueError, match="slots"):
+        torch.ops.cohere.qk_norm_rope_kv_write(q, k, v, qw, kw, cos, sin, 1e-5, *ours, slots[:, :2])
+
+
 def test_paged_gather_zeroes_past_length():
     k_pool, _ = _pools(6, 2, 4, 3, torch.float32)
     table = torch.tensor([[2, 5, -1]], dtype=torch.int32)
@@ -237,15 +259,20 @@ def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn):
     assert rep.graph_breaks == 0 and "paged_attention" not in rep.missing
 
 
-def test_generate_passes_choose_its_graphs_rewrites():
-    """``passes`` replaces cc.optimize's choice for generate's own graphs (paged_attention stays)."""
+def test_generate_passes_choose_its_graphs_and_rope_fuses_into_the_cache_write():
+    """``passes`` replaces cc.optimize's choice for generate's own graphs (paged_attention stays).
+    With qk_norm_rope on, each layer's QK-norm + RoPE and the k/v cache write become one op
+    (``qk_norm_rope_kv_write``) in the decode graph (in the dynamic prefill graph only where eps
+    stayed a float: the tensor-eps op variant is not fused). Greedy tokens still match HF's."""
     from cohere_compile.passes import recording
 
-    model = cc.optimize(_model(False, 2))  # default passes: swiglu among them
+    model = cc.optimize(_model(True, 2))  # default passes: swiglu among them
     prompts = _prompts([7, 4])
     with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
-        tokens = cc.generate(model, prompts, 3, stop_tokens=(), passes=[])
-    assert rewrites == [{"paged_attention": 0}, {"paged_attention": 2}]  # prefill, decode
+        tokens = cc.generate(model, prompts, 3, stop_tokens=(), passes=["qk_norm_rope"], block_size=4)
+    prefill, decode = rewrites
+    assert decode == {"qk_norm_rope": 2, "paged_attention": 2, "rope_kv_write": 2}
+    assert prefill["qk_norm_rope"] == 2 and prefill["rope_kv_write"] in (0, 2) and "swiglu" not in prefill
     assert tokens == [_hf_greedy(model, p, 3) for p in prompts]
 
 

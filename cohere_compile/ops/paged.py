@@ -1,4 +1,5 @@
-"""Paged KV cache ops: ``cohere::paged_kv_write``, ``cohere::paged_gather`` and
+"""Paged KV cache ops: ``cohere::paged_kv_write`` (and ``cohere::qk_norm_rope_kv_write``, the
+same write fused with the step's QK-norm / RoPE), ``cohere::paged_gather`` and
 ``cohere::paged_attention``.
 
 ``paged_gather`` is what the cache hands to Hugging Face's attention (a dense
@@ -13,9 +14,18 @@ from typing import Optional
 import torch
 
 from ..kernels import paged as kernel
+from ..kernels import rope as rope_kernel
 from ..kernels import empty_heads_like
 from . import reference
 from ._dispatch import check_inputs, use_triton
+
+
+def _check_write(op, k_pool, k, v, slots):
+    if k.shape != v.shape or k.shape[1] != k_pool.shape[1] or k.shape[3] != k_pool.shape[3]:
+        raise ValueError(f"{op}: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit the pool "
+                         f"{tuple(k_pool.shape)} (num_blocks, kv_heads, block_size, head_dim)")
+    if slots.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"{op}: slots {tuple(slots.shape)} must be (batch, tokens) = {(k.shape[0], k.shape[2])}")
 
 
 def _check_pool(op, pool, block_table, lens):
@@ -31,16 +41,34 @@ def paged_kv_write(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, 
     """Write k, v (B, Hkv, T, D) into the pools at flat slots (B, T) = block * block_size + offset;
     slot -1 skips the token (an idle batch row)."""
     check_inputs("cohere::paged_kv_write", k_pool, v_pool, k, v)
-    if k.shape != v.shape or k.shape[1] != k_pool.shape[1] or k.shape[3] != k_pool.shape[3]:
-        raise ValueError(f"cohere::paged_kv_write: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit the pool "
-                         f"{tuple(k_pool.shape)} (num_blocks, kv_heads, block_size, head_dim)")
-    if slots.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(f"cohere::paged_kv_write: slots {tuple(slots.shape)} must be (batch, tokens) = "
-                         f"{(k.shape[0], k.shape[2])}")
+    _check_write("cohere::paged_kv_write", k_pool, k, v, slots)
     if use_triton(k):
         kernel.paged_kv_write(k_pool, v_pool, k, v, slots)
     else:
         reference.paged_write(k_pool, v_pool, k, v, slots)
+
+
+@torch.library.custom_op("cohere::qk_norm_rope_kv_write", mutates_args=("k_pool", "v_pool"))
+def qk_norm_rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: Optional[torch.Tensor],
+                          k_weight: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                          k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``cohere::qk_norm_rope`` then ``cohere::paged_kv_write`` of the rotated k and of v, in one
+    kernel; returns the rotated q (the rotated k only lands in the pool)."""
+    check_inputs("cohere::qk_norm_rope_kv_write", q, k, v, q_weight, k_weight, cos, sin, k_pool, v_pool)
+    _check_write("cohere::qk_norm_rope_kv_write", k_pool, k, v, slots)
+    if (q_weight is None) != (k_weight is None) or q.shape[-1] % 2:
+        raise ValueError("cohere::qk_norm_rope_kv_write: pass both q_weight and k_weight or neither, and an even "
+                         f"head_dim (got {q.shape[-1]})")
+    if use_triton(q):
+        return rope_kernel.qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots)
+    q_rot, k_rot = reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+    reference.paged_write(k_pool, v_pool, k_rot, v, slots)
+    return empty_heads_like(q).copy_(q_rot)
+
+
+@qk_norm_rope_kv_write.register_fake
+def _(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots):
+    return empty_heads_like(q)
 
 
 @torch.library.custom_op("cohere::paged_gather", mutates_args=())

@@ -253,10 +253,10 @@ def rewrite_sdpa_training(graph: torch.fx.Graph) -> int:
 
 def _set_fake_val(node: torch.fx.Node) -> None:
     """Give a hand-inserted node the ``meta['val']`` later Inductor passes rely on."""
-    args = torch.fx.map_arg(node.args, _val)
-    fake_mode = torch._guards.detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
-    with fake_mode:
-        node.meta["val"] = node.target(*args)
+    args, kwargs = torch.fx.map_arg((node.args, node.kwargs), _val)
+    tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    with torch._guards.detect_fake_mode(tensors):
+        node.meta["val"] = node.target(*args, **kwargs)
 
 
 def _repeat_kv(x, n_rep):

@@ -22,6 +22,7 @@ from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topologic
 from .. import ops  # noqa: F401  (registers the cohere:: ops the replacements call)
 from . import attention, layer_norm, linear_cross_entropy, paged_attention, qk_norm_rope, swiglu
 from .merge_projections import merge_projections
+from .rope_kv_write import fuse_rope_into_kv_write
 
 # Application order matters: qk_norm_rope must claim the per-head norms before
 # layer_norm looks at norms, and layer_norm's fused adds come before plain norms.
@@ -120,6 +121,8 @@ class CoherePassManager(CustomGraphPass):
                 counts[name] += int(found or 0)
         if self.merge_projections and not is_training_graph(graph):
             counts["merge_projections"] = merge_projections(graph)  # last: the passes above keep the projections
+        if {"qk_norm_rope", "paged_attention"} <= set(self.passes) and not is_training_graph(graph):
+            counts["rope_kv_write"] = fuse_rope_into_kv_write(graph)  # after qk_norm_rope made the rotation
         # A replacement lands where its pattern's first node was; an input defined
         # later (dynamic=True turns eps into a graph input cast just before use)
         # must be moved ahead of it, as Inductor's own joint passes do.
