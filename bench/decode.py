@@ -17,6 +17,8 @@ Peers, all in the same run:
 - ``ours_unmerged``: the same with ``merge_projections=False`` (not in the default peer list).
 - ``ours_no_swiglu``: the same without the swiglu pass in generate's graphs (only paged_attention),
   so Inductor can fuse silu(gate) * up into the down projection's GEMV (not in the default list).
+- ``ours_rope_write``: the default passes + qk_norm_rope, so each layer's RoPE (and QK norm) and
+  its k/v cache write are one kernel (``cohere::qk_norm_rope_kv_write``; not in the default list).
 
 tokens/s = generated tokens / wall time of the whole call (prefill included), after a
 warm-up call. For ours we also report decode-only tokens/s (prefill excluded). The
@@ -52,7 +54,8 @@ from bench.common import (SHAPES, build_model, copy_bandwidth_gbs, cuda_graph_ti
 OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": True}},
                 "ours_combo": {"inductor_options": {"combo_kernels": True}},
                 "ours_unmerged": {"merge_projections": False},
-                "ours_no_swiglu": {"passes": []}}
+                "ours_no_swiglu": {"passes": []},
+                "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]}}
 
 
 def make_prompts(lengths, vocab, seed=0):

@@ -46,7 +46,7 @@ stage() {
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
     prefill) python3 bench/prefill.py --ablation --try swiglu,attention ;;
     decode-profile) python3 bench/decode_profile.py --layers 32 --gemm --variants ours,ours_unmerged ;;
-    decode-b1-variants) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_no_swiglu,ours_combo \
+    decode-b1-variants) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_no_swiglu,ours_rope_write,ours_combo \
                           --tag _b1_variants ;;
     decode-b1-merged) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_unmerged --tag _b1_merged ;;
     decode-ragged-merged) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_unmerged \
