@@ -122,7 +122,9 @@ class CoherePassManager(CustomGraphPass):
         if self.merge_projections and not is_training_graph(graph):
             counts["merge_projections"] = merge_projections(graph)  # last: the passes above keep the projections
         if {"qk_norm_rope", "paged_attention"} <= set(self.passes) and not is_training_graph(graph):
-            counts["rope_kv_write"] = fuse_rope_into_kv_write(graph)  # after qk_norm_rope made the rotation
+            fused = fuse_rope_into_kv_write(graph)  # after qk_norm_rope made the rotation
+            if fused:  # (recorded only where it fires: most graphs have no paged cache write)
+                counts["rope_kv_write"] = fused
         # A replacement lands where its pattern's first node was; an input defined
         # later (dynamic=True turns eps into a graph input cast just before use)
         # must be moved ahead of it, as Inductor's own joint passes do.
