@@ -48,12 +48,17 @@ def qk_norm_rope_kernel(
     k_ptr, skb, skh, skt, skd,
     qo_ptr, sqob, sqoh, sqot,
     ko_ptr, skob, skoh, skot,
+    v_ptr, svb, svh, svt, svd,
+    kpool_ptr, vpool_ptr, spn, sph, sps, slots_ptr, block_size,
     qw_ptr, kw_ptr,
     cos_ptr, sin_ptr, scb, sct, scd,
     seq_len, n_q_heads, n_k_heads, head_dim, eps,
-    HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """``WRITE_KV``: the rotated keys and the values go straight to their pool slot
+    (``paged.paged_kv_write``'s layout) instead of to a k output (the ``v`` / pool / slot
+    arguments are unused otherwise)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // seq_len
     t = pid % seq_len
@@ -63,100 +68,67 @@ def qk_norm_rope_kernel(
     sin = tl.load(sin_ptr + b * scb + t * sct + d * scd, mask=d_valid, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr, sqb, sqh, sqt, sqd, qo_ptr, sqob, sqoh, sqot, qw_ptr, cos, sin,
                   b, t, n_q_heads, head_dim, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
-    _rotate_heads(k_ptr, skb, skh, skt, skd, ko_ptr, skob, skoh, skot, kw_ptr, cos, sin,
-                  b, t, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+    if WRITE_KV:
+        slot = tl.load(slots_ptr + pid).to(tl.int64)
+        if slot >= 0:  # -1: an idle batch row, nothing to store
+            dst = (slot // block_size) * spn + (slot % block_size) * sps
+            # the pool slot as an output with no batch / token strides
+            _rotate_heads(k_ptr, skb, skh, skt, skd, kpool_ptr + dst, 0, sph, 0, kw_ptr, cos, sin,
+                          b, t, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+            h = tl.arange(0, BLOCK_HK)[:, None]
+            valid = (h < n_k_heads) & d_valid
+            vv = tl.load(v_ptr + b * svb + t * svt + h * svh + d * svd, mask=valid)
+            tl.store(vpool_ptr + dst + h * sph + d, vv.to(vpool_ptr.dtype.element_ty), mask=valid)
+    else:
+        _rotate_heads(k_ptr, skb, skh, skt, skd, ko_ptr, skob, skoh, skot, kw_ptr, cos, sin,
+                      b, t, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+
+
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=None):
+    """One program per token. ``k_out`` receives the rotated k, or ``write = (v, k_pool,
+    v_pool, slots)`` stores it and v in the pools."""
+    bsz, n_q, seq, dim = q.shape
+    has_norm = q_weight is not None
+    if has_norm:
+        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+    cos = cos.expand(bsz, seq, dim)
+    sin = sin.expand(bsz, seq, dim)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if write is None:
+        v, k_pool, v_pool, slots = q, q, q, q  # unused (WRITE_KV=False)
+        ko = (k_out, *k_out.stride()[:3])
+    else:
+        v, k_pool, v_pool, slots = write
+        slots = slots.reshape(-1).contiguous()
+        ko = (q_out, 0, 0, 0)  # unused
+    if bsz * seq:
+        qk_norm_rope_kernel[(bsz * seq,)](
+            q, *q.stride(), k, *k.stride(),
+            q_out, *q_out.stride()[:3], *ko,
+            v, *v.stride(),
+            k_pool, v_pool, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), slots, k_pool.shape[2],
+            q_weight if has_norm else q, k_weight if has_norm else k,
+            cos, sin, *cos.stride(),
+            seq, n_q, k.shape[1], dim, float(eps),
+            HAS_NORM=has_norm, WRITE_KV=write is not None, BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(k.shape[1]),
+            BLOCK_D=next_pow2(dim), num_warps=4,
+        )
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     """q: (B, Hq, T, D), k: (B, Hk, T, D) (any strides); cos/sin: (B|1, T, D).
     Weights (Hq, D) / (Hk, D) or both None (RoPE only). Returns rotated (q, k)."""
-    bsz, n_q, seq, dim = q.shape
-    n_k = k.shape[1]
     q_out, k_out = empty_heads_like(q), empty_heads_like(k)
-    has_norm = q_weight is not None
-    if has_norm:
-        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
-    cos = cos.expand(bsz, seq, dim)
-    sin = sin.expand(bsz, seq, dim)
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    if bsz * seq:
-        block_d = next_pow2(dim)
-        qk_norm_rope_kernel[(bsz * seq,)](
-            q, *q.stride(), k, *k.stride(),
-            q_out, *q_out.stride()[:3], k_out, *k_out.stride()[:3],
-            q_weight if has_norm else q, k_weight if has_norm else k,
-            cos, sin, *cos.stride(),
-            seq, n_q, n_k, dim, float(eps),
-            HAS_NORM=has_norm, BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(n_k),
-            BLOCK_D=block_d, num_warps=4,
-        )
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=k_out)
     return q_out, k_out
 
 
-@triton.jit
-def qk_norm_rope_kv_write_kernel(
-    q_ptr, sqb, sqh, sqt, sqd,
-    k_ptr, skb, skh, skt, skd,
-    v_ptr, svb, svh, svt, svd,
-    qo_ptr, sqob, sqoh, sqot,
-    kpool_ptr, vpool_ptr, spn, sph, sps,
-    slots_ptr, block_size,
-    qw_ptr, kw_ptr,
-    cos_ptr, sin_ptr, scb, sct, scd,
-    seq_len, n_q_heads, n_k_heads, head_dim, eps,
-    HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``qk_norm_rope_kernel``, but the rotated keys and the values go straight to their pool
-    slot (``paged_kv_write``'s layout) instead of to a k output: one launch for both."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // seq_len
-    t = pid % seq_len
-    d = tl.arange(0, BLOCK_D)[None, :]
-    d_valid = d < head_dim
-    cos = tl.load(cos_ptr + b * scb + t * sct + d * scd, mask=d_valid, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + b * scb + t * sct + d * scd, mask=d_valid, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, sqb, sqh, sqt, sqd, qo_ptr, sqob, sqoh, sqot, qw_ptr, cos, sin,
-                  b, t, n_q_heads, head_dim, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
-    slot = tl.load(slots_ptr + pid).to(tl.int64)
-    if slot >= 0:  # -1: an idle batch row, nothing to store
-        dst = (slot // block_size) * spn + (slot % block_size) * sps
-        # the pool slot as an output with no batch / token strides
-        _rotate_heads(k_ptr, skb, skh, skt, skd, kpool_ptr + dst, 0, sph, 0, kw_ptr, cos, sin,
-                      b, t, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
-        h = tl.arange(0, BLOCK_HK)[:, None]
-        valid = (h < n_k_heads) & d_valid
-        vv = tl.load(v_ptr + b * svb + t * svt + h * svh + d * svd, mask=valid)
-        tl.store(vpool_ptr + dst + h * sph + d, vv.to(vpool_ptr.dtype.element_ty), mask=valid)
-
-
 def qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots):
-    """``qk_norm_rope`` on q and k, with k (rotated) and v written into the pools at ``slots``
-    (B, T) as ``paged.paged_kv_write`` does. Returns the rotated q."""
-    bsz, n_q, seq, dim = q.shape
-    n_k = k.shape[1]
+    """``qk_norm_rope`` on q and k in the same launch as the paged cache write of the rotated k
+    and of v at ``slots`` (B, T), as ``paged.paged_kv_write`` stores them. Returns the rotated q."""
     q_out = empty_heads_like(q)
-    has_norm = q_weight is not None
-    if has_norm:
-        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
-    cos = cos.expand(bsz, seq, dim)
-    sin = sin.expand(bsz, seq, dim)
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    slots = slots.reshape(-1).contiguous()
-    if bsz * seq:
-        qk_norm_rope_kv_write_kernel[(bsz * seq,)](
-            q, *q.stride(), k, *k.stride(), v, *v.stride(),
-            q_out, *q_out.stride()[:3],
-            k_pool, v_pool, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-            slots, k_pool.shape[2],
-            q_weight if has_norm else q, k_weight if has_norm else k,
-            cos, sin, *cos.stride(),
-            seq, n_q, n_k, dim, float(eps),
-            HAS_NORM=has_norm, BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(n_k),
-            BLOCK_D=next_pow2(dim), num_warps=4,
-        )
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, write=(v, k_pool, v_pool, slots))
     return q_out
 
 
