@@ -125,9 +125,11 @@ def paged_decode_kernel(
         m_i = m_new
 
     part = (bh * BLOCK_G + g) * n_splits + s
-    tl.store(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], acc)
-    tl.store(part_ml_ptr + part * 2, m_i)
-    tl.store(part_ml_ptr + part * 2 + 1, l_i)
+    # only the group's real heads: BLOCK_G is at least 16 (the tensor-core tile), and with
+    # Aya's 4 heads per KV head the padding rows would be 3/4 of these fp32 writes
+    tl.store(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+    tl.store(part_ml_ptr + part * 2, m_i, mask=g_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_ok)
 
 
 @triton.jit
