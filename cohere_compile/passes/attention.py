@@ -20,7 +20,6 @@ import operator
 
 import torch
 from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topological_sort
-
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ._patterns import SCALE_PLACEHOLDER, register

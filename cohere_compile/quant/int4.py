@@ -8,8 +8,9 @@ itself (the ``plain`` format needs the separate mslk/fbgemm kernels). CPU:
 dequantizes in the graph; it is the CPU-capable path our tests run, not a fast one.
 gemlite (``int4_kernel="gemlite"``): torchao's ``UIntxWeightOnlyConfig`` (prototype), HQQ-fitted
 asymmetric groups packed for gemlite's Triton GEMV / GEMM (``gemlite::forward_functional``, a
-custom op, so it compiles and CUDA-graphs). Added because tinygemm reads int4 at only ~1.5 TB/s
-at batch 1 on the H200; gemlite's speed there is not yet measured.
+custom op, so it compiles and CUDA-graphs); fp16 models only, gemlite 0.5. Added because tinygemm
+reads int4 at only ~1.5 TB/s at batch 1 on the H200, but there gemlite decoded at 0.36 TB/s
+(84.6 tok/s, 0.41x bf16; bench/results/quant_aya-8b_L32_decode_gemlite.json).
 """
 
 from __future__ import annotations
