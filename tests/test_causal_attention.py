@@ -127,6 +127,25 @@ def test_padding_and_cache_prefix_keep_the_masked_kernel(routes):
     assert routes and not any(routes)
 
 
+def test_training_graphs_turn_a_plain_causal_mask_into_is_causal(routes):
+    """Training (the SDPA forward/backward pair -> our flash_attention_lse / _backward): a plain
+    causal mask becomes the kernels' is_causal (no mask read, blocks above the diagonal
+    skipped); loss and every gradient as eager."""
+    ref, model = make_model(tiny_config(False, 2)), make_model(tiny_config(False, 2))
+    ref.train(), model.train()
+    cc.optimize(model, passes=["attention"], training_rewrites=True)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    want = ref(input_ids=ids, labels=ids).loss
+    want.backward()
+    assert rewrites == [{"attention": 2}] and routes == [True, True]
+    assert rel_err(loss, want) < 1e-5
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert all(rel_err(p.grad, grads[n]) < 1e-4 for n, p in model.named_parameters())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_causal_route_on_cuda_bf16(routes):

@@ -9,7 +9,8 @@ Three graph shapes reach us:
   cuDNN on CUDA). We rewrite any of them whose extra outputs (log-sum-exp, seeds)
   are unused, i.e. inference graphs.
 - HF ``sdpa`` in training: the lowered forward and its backward, as a pair ->
-  ``cohere::flash_attention_lse`` + ``cohere::flash_attention_backward``.
+  ``cohere::flash_attention_lse`` + ``cohere::flash_attention_backward`` (a plain causal mask
+  becomes the kernels' ``is_causal``).
 - HF ``eager``: matmul -> scale -> + mask -> fp32 softmax -> cast -> matmul, matched
   as a traced pattern (inference graphs only).
 In all, HF's ``repeat_kv`` (unsqueeze -> expand -> clone -> view) in front of K and V
@@ -174,7 +175,8 @@ def _getitem(graph, node, i):
 
 def rewrite_sdpa_training(graph: torch.fx.Graph) -> int:
     """Replace a lowered SDPA forward + its backward with ``flash_attention_lse`` +
-    ``flash_attention_backward``. Where K/V come through HF's ``repeat_kv``, the kernels
+    ``flash_attention_backward`` (with ``is_causal`` and no mask where the mask is plain
+    causality, see ``_plain_causal``). Where K/V come through HF's ``repeat_kv``, the kernels
     get the un-repeated K/V and write the KV heads' gradients directly (the repeat's
     backward sum becomes dead code); if that backward chain is not recognised, the
     repeated K/V are passed instead (still correct, just not native GQA)."""
@@ -211,6 +213,10 @@ def rewrite_sdpa_training(graph: torch.fx.Graph) -> int:
         scale = f.get("scale")
         scale = q_val.shape[-1] ** -0.5 if scale is None else scale
         is_causal = bool(f.get("is_causal") or False)
+        if _plain_causal(mask, is_causal, q_val, _val(k_rep)):
+            # HF's size-only causal mask: the kernels' own causality skips the blocks above the
+            # diagonal instead of reading a mask for them (H200, forward alone: 1.14-1.3x)
+            mask, is_causal = None, True
         bwd_items = {u.args[1]: u for u in bwd.users if u.target is operator.getitem}
         if any(u.target is not operator.getitem for u in bwd.users):
             continue
