@@ -5,7 +5,7 @@ The model stays the same module tree with the same ``Parameter`` objects and val
 their data lives changes (``param.data`` becomes a slice of the shared buffer; memory use does
 not grow). ``passes/merge_projections.py`` can then compute each group as one matmul over an
 ``as_strided`` view of the block, which is only valid while the layout holds, so
-``cc.generate(merge_projections=True)`` calls ``ensure_colocated`` before every run.
+``cc.generate``, when it merges, calls ``ensure_colocated`` before every run.
 """
 
 from __future__ import annotations

@@ -67,6 +67,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def assert_rope_kv_write_matches_reference(q, k, v, q_weight, k_weight, cos, sin, k_pool, v_pool, slots, tol):
+    """``cohere::qk_norm_rope_kv_write`` on copies of the pools = ``qk_norm_rope``'s reference,
+    then ``paged_write`` of the rotated k and of v. Returns the op's (k_pool, v_pool)."""
+    from cohere_compile.ops import reference
+
+    ours, ref = (k_pool.clone(), v_pool.clone()), (k_pool.clone(), v_pool.clone())
+    q_out = torch.ops.cohere.qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, 1e-5, *ours, slots)
+    q_rot, k_rot = reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, 1e-5)
+    reference.paged_write(*ref, k_rot, v, slots)
+    assert rel_err(q_out, q_rot) < tol and rel_err(ours[0], ref[0]) < tol and torch.equal(ours[1], ref[1])
+    return ours
+
+
 def padded_inputs(batch: int = 2, seq: int = 9, pad: int = 3, seed: int = 1):
     """Left-padded batch: row 1 has its first ``pad`` tokens masked out."""
     g = torch.Generator().manual_seed(seed)

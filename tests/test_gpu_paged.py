@@ -15,6 +15,7 @@ def _rel(a, b):
 def test_paged_ops_match_reference_on_cuda(dtype):
     import cohere_compile  # noqa: F401
     from cohere_compile.ops import reference as R
+    from conftest import assert_rope_kv_write_matches_reference
 
     dev, bs, hkv, h, d = "cuda", 256, 8, 32, 128
     lens = torch.tensor([1, 255, 256, 1999, 700, 0], dtype=torch.int32, device=dev)
@@ -41,12 +42,8 @@ def test_paged_ops_match_reference_on_cuda(dtype):
     qh = torch.randn(6, h, 3, d, device=dev, dtype=dtype)
     cos, sin = torch.randn(2, 1, 3, d, device=dev, dtype=dtype)
     qw, kw = torch.randn(h, d, device=dev, dtype=dtype), torch.randn(hkv, d, device=dev, dtype=dtype)
-    ours, ref = (k_pool.clone(), v_pool.clone()), (k_pool.clone(), v_pool.clone())
-    q_out = torch.ops.cohere.qk_norm_rope_kv_write(qh, k, k, qw, kw, cos, sin, 1e-5, *ours, slots)
-    q_rot, k_rot = R.qk_norm_rope(qh, k, qw, kw, cos, sin, 1e-5)
-    R.paged_write(*ref, k_rot, k, slots)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert _rel(q_out, q_rot) < tol and _rel(ours[0], ref[0]) < tol and torch.equal(ours[1], ref[1])
+    assert_rope_kv_write_matches_reference(qh, k, k, qw, kw, cos, sin, k_pool, v_pool, slots,
+                                           tol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("use_qk_norm,kv_heads", [(False, 2), (True, 4)])

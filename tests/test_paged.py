@@ -4,7 +4,7 @@ paged_attention pass."""
 
 import pytest
 import torch
-from conftest import make_model, rel_err, tiny_config
+from conftest import assert_rope_kv_write_matches_reference, make_model, rel_err, tiny_config
 
 import cohere_compile as cc
 from cohere_compile.ops import reference
@@ -89,12 +89,8 @@ def test_qk_norm_rope_kv_write_matches_rope_then_write(dtype, qk_norm):
     cos, sin = (torch.randn(1, 5, 10, generator=g).to(dtype) for _ in range(2))
     qw, kw = (torch.randn(h, 10, generator=g).to(dtype) if qk_norm else None for h in (6, 3))
     slots = torch.tensor([[0, 1, 2, 3, 4], [-1, 17, 18, 35, -1]])
-    ours, ref = (k_pool.clone(), v_pool.clone()), (k_pool.clone(), v_pool.clone())
-    q_out = torch.ops.cohere.qk_norm_rope_kv_write(q, k, v, qw, kw, cos, sin, 1e-5, *ours, slots)
-    q_rot, k_rot = reference.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-5)
-    reference.paged_write(*ref, k_rot, v, slots)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert rel_err(q_out, q_rot) < tol and rel_err(ours[0], ref[0]) < tol and torch.equal(ours[1], ref[1])
+    ours = assert_rope_kv_write_matches_reference(q, k, v, qw, kw, cos, sin, k_pool, v_pool, slots, tol)
     assert torch.equal(ours[0][6], k_pool[6])  # untouched block stays
     with pytest.raises(ValueError, match="slots"):
         torch.ops.cohere.qk_norm_rope_kv_write(q, k, v, qw, kw, cos, sin, 1e-5, *ours, slots[:, :2])

@@ -110,7 +110,8 @@ class CoherePassManager(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         counts = {}
-        if is_training_graph(graph) and not self.training_rewrites:
+        training = is_training_graph(graph)
+        if training and not self.training_rewrites:
             for graphs in _RECORDER.stack:
                 graphs.append({name: 0 for name in self.passes})
             return
@@ -119,9 +120,9 @@ class CoherePassManager(CustomGraphPass):
             for stage in _stages(name):
                 found = stage.apply(graph) if isinstance(stage, PatternMatcherPass) else stage(graph)
                 counts[name] += int(found or 0)
-        if self.merge_projections and not is_training_graph(graph):
+        if self.merge_projections and not training:
             counts["merge_projections"] = merge_projections(graph)  # last: the passes above keep the projections
-        if {"qk_norm_rope", "paged_attention"} <= set(self.passes) and not is_training_graph(graph):
+        if {"qk_norm_rope", "paged_attention"} <= set(self.passes) and not training:
             fused = fuse_rope_into_kv_write(graph)  # after qk_norm_rope made the rotation
             if fused:  # (recorded only where it fires: most graphs have no paged cache write)
                 counts["rope_kv_write"] = fused

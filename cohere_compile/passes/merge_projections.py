@@ -7,8 +7,8 @@ weights faster than three short ones (H200 probe, 32 Aya-8B layers in a CUDA gra
 
 The weights stay separate graph inputs; the merged block is ``as_strided`` over the first one's
 storage. That is only valid while the weights stay where they were when the graph was compiled,
-which Dynamo does not guard, so this pass is **internal**: ``cc.generate(merge_projections=True)``
-enables it for its own compiled forwards and checks the layout before every call
+which Dynamo does not guard, so this pass is **internal**: ``cc.generate`` (merging by default on
+CUDA) enables it for its own compiled forwards and checks the layout before every call
 (``colocate.py``). Two forms of a projection are recognised (inference graphs only):
 - ``mm(X, permute(W, [1, 0]))``;
 - Inductor's GEMV decomposition (CUDA, one row, coordinate-descent tuning): ``convert(sum(

@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-from .attention import _set_fake_val
+from .attention import _getitem, _set_fake_val
 
 _WRITE = torch.ops.cohere.paged_kv_write.default
 _ROPE = torch.ops.cohere.qk_norm_rope.default  # float eps (decode graphs are static)
@@ -57,9 +57,7 @@ def fuse_rope_into_kv_write(graph: torch.fx.Graph) -> int:
             fused = graph.call_function(write.target, (_FUSED,), kwargs)
         _set_fake_val(fused)
         with graph.inserting_after(fused):
-            results = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(fused.meta["val"]))]
-        for node, value in zip(results, fused.meta["val"]):
-            node.meta["val"] = value
+            results = [_getitem(graph, fused, i) for i in range(len(fused.meta["val"]))]
         # the new pool values come last in both (v2 keeps a slot for the write's None result; v1 not)
         shift = len(results) - len(write.meta["val"])
         for user in list(write.users):

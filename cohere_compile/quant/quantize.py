@@ -66,7 +66,7 @@ def quantize_model(model: torch.nn.Module, method: str, group_size: int = 128, p
     can be quantized onto it); the rest of the model stays where it is.
     ``int4_kernel`` (int4 only): ``"torchao"`` (tinygemm on CUDA), ``"triton"``
     (``Int4TritonLinear``: our GEMV for decode, any float dtype, CPU and CUDA) or ``"gemlite"``
-    (torchao's gemlite-backed tensors: CUDA, bf16/fp16, needs the gemlite package).
+    (torchao's gemlite-backed tensors: CUDA, fp16, needs gemlite 0.5).
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"quantize={method!r} is not supported; use one of {QUANT_METHODS} or None")
