@@ -28,7 +28,7 @@ stage() {
   case "$1" in
     tests) python3 -m pytest -q -m gpu tests -rfE ;;  # ~6.5 min in 2026-11-29's form; split below if short of time
     tests-a) python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_backward.py tests/test_gpu_cross_entropy.py \
-               tests/test_gpu_paged.py -rfE ;;
+               tests/test_gpu_paged.py tests/test_causal_attention.py -rfE ;;
     tests-b) python3 -m pytest -q -m gpu tests/test_gpu_quant.py tests/test_int4_triton.py tests/test_training.py \
                tests/test_generate_default_cache.py tests/test_merge_projections.py -rfE ;;
     train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
