@@ -28,7 +28,9 @@ def _groups(hf_model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
         linears = [layer.get_submodule(name) for name in PROJECTION_GROUP]
         if any(getattr(m, "bias", None) is not None for m in linears):
             continue
-        weights = [m.weight for m in linears]
+        weights = [getattr(m, "weight", None) for m in linears]  # none on our int4 Triton linears
+        if any(w is None for w in weights):
+            continue
         w0 = weights[0]
         if all(_plain(w) and w.dim() == 2 and w.dtype == w0.dtype and w.device == w0.device
                and w.shape[1] == w0.shape[1] for w in weights):

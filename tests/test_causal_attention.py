@@ -35,6 +35,14 @@ def additive_causal(x):
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
+def additive_finite(bias):
+    """HF's additive mask as built on CUDA: a finite bias (-65536 in bf16) instead of -inf."""
+    def fn(x):
+        allowed = causal_from_sizes(x)
+        return torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill(~allowed, bias)
+    return fn
+
+
 def sliding_window(x):
     s, window = x.shape[1], 4
     i = torch.arange(s)
@@ -54,6 +62,8 @@ def with_prefix(x):
 @pytest.mark.parametrize("fn,want", [
     (causal_from_sizes, True),
     (additive_causal, True),
+    (additive_finite(-65536.0), True),
+    (additive_finite(-1.0), False),  # a bias too small to mask
     (sliding_window, False),  # causal at the traced size 3; the size 3 larger shows the window
     (padded, False),  # reads the input's data
     (with_prefix, False),  # not square

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import cohere_compile as cc
+from cohere_compile.colocate import ensure_colocated
 from cohere_compile.kernels.int4_gemv import MAX_M, auto_split_k, int4_gemv
 from cohere_compile.ops import int4 as int4_ops
 from cohere_compile.ops.int4 import dequantize_int4, pack_int4, unpack_int4
@@ -209,6 +210,11 @@ def test_bf16_model_swaps_every_linear_and_stays_within_4bit_error():
     assert type(emb) is torch.nn.Parameter and torch.equal(emb, original.model.embed_tokens.weight)
     model.tie_weights()  # HF must not re-tie (there is no head weight to tie)
     assert isinstance(model.lm_head, Int4TritonLinear)
+    # no weights to co-locate: generate's merged-projections default (CUDA) leaves the model as is,
+    # and asking for the merge is a clear error
+    assert ensure_colocated(model) == 0
+    with pytest.raises(ValueError, match="merge_projections=True needs plain"):
+        cc.generate(model, [[5, 9]], 2, merge_projections=True)
     keep = am.bool()
     out = logits(model, input_ids=ids, attention_mask=am)
     deq = logits(dequantized_reference(model, cfg, torch.bfloat16), input_ids=ids, attention_mask=am)

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 aten = torch.ops.aten
 _SIZE_OPS = (aten.sym_size.int, aten.sym_size.default) if hasattr(aten.sym_size, "default") else (aten.sym_size.int,)
 GROWTH = 3  # the second evaluation grows every size by this
+BLOCKED_BIAS = -1e4  # an additive mask entry at or below this masks (see _is_causal_triangle)
 
 
 def _ancestors(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -81,9 +82,11 @@ def _is_causal_triangle(mask: torch.Tensor) -> bool:
     below = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
     if mask.dtype == torch.bool:
         return bool((mask == below).all())
-    # additive: 0 where attended, a large negative number (or -inf) elsewhere
+    # additive: 0 where attended, a large negative bias elsewhere. HF writes -inf on CPU and a
+    # finite one on CUDA (-65536 in bf16 there); any bias <= BLOCKED_BIAS zeroes its softmax
+    # weight in fp32 (exp(-1e4) underflows) for every score range a trained model produces
     allowed = mask == 0
-    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    blocked = mask <= BLOCKED_BIAS
     return bool((allowed == below).all() and (blocked == ~below).all())
 
 
