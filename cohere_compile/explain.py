@@ -20,12 +20,24 @@ def _is_paged_decode(args, kwargs) -> bool:
     return isinstance(kwargs.get("past_key_values"), PagedKVCache) and length == 1
 
 
-def expected_rewrites(config, args=(), kwargs=None) -> dict[str, int]:
+def _is_plain_prompt(args, kwargs) -> bool:
+    """No ``attention_mask`` and nothing cached: HF builds the causal mask from sizes alone."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("attention_mask") is None and (cache is None or cache.get_seq_length() == 0)
+
+
+def expected_rewrites(config, args=(), kwargs=None, enabled=(), training=False) -> dict[str, int]:
     """What a complete rewrite of one forward graph of a Cohere model gives for these inputs
-    (``paged_attention`` only has work on a decode step over a ``PagedKVCache``)."""
+    (``paged_attention`` only has work on a decode step over a ``PagedKVCache``;
+    ``causal_attention`` on a prompt without mask or cache, and then, when it is enabled,
+    ``attention`` has none; training graphs leave it to ``attention``)."""
+    kwargs = kwargs or {}
     layers = config.num_hidden_layers
-    return {"qk_norm_rope": layers, "attention": layers,
-            "paged_attention": layers if _is_paged_decode(args, kwargs or {}) else 0,
+    plain = not training and not _is_paged_decode(args, kwargs) and _is_plain_prompt(args, kwargs)
+    causal = layers if plain else 0
+    return {"qk_norm_rope": layers, "causal_attention": causal,
+            "attention": layers - causal if "causal_attention" in enabled else layers,
+            "paged_attention": layers if _is_paged_decode(args, kwargs) else 0,
             "swiglu": layers, "layer_norm": layers + 1, "linear_cross_entropy": 0}
 
 
@@ -87,7 +99,7 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Explanation:
     matches = {name: sum(g.get(name, 0) for g in graphs) for name in PASS_NAMES}
     n_graphs = len(calls)
     breaks = int(dynamo_report.graph_break_count)
-    expected = expected_rewrites(base_model(model).config, args, kwargs)
+    expected = expected_rewrites(base_model(model).config, args, kwargs, options.passes, model.training)
     if model.training and not options.training_rewrites and any(p.requires_grad for p in model.parameters()):
         expected = {name: 0 for name in expected}  # training graphs are left to Inductor (opt-in)
     # The loss is fused where the graph computes it without returning logits: a training

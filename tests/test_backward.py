@@ -402,8 +402,8 @@ def test_training_gradients_match_eager_and_backward_uses_our_kernels(
     assert len(graphs) == 1, graphs
     n_attn = LAYERS if attn == "sdpa" else 0
     # the loss (labels given, training) is fused too: linear_cross_entropy is in PASS_NAMES
-    expected = {"qk_norm_rope": LAYERS, "attention": n_attn, "paged_attention": 0, "swiglu": LAYERS,
-                "layer_norm": LAYERS + 1, "linear_cross_entropy": 1}
+    expected = {"qk_norm_rope": LAYERS, "causal_attention": 0, "attention": n_attn, "paged_attention": 0,
+                "swiglu": LAYERS, "layer_norm": LAYERS + 1, "linear_cross_entropy": 1}
     assert graphs[0] == expected
     # Frozen norms: the first norm's input (the embeddings) needs no grad, so it has no
     # backward at all; the fused add3 norms still backpropagate to the residual stream.

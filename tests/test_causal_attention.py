@@ -156,6 +156,42 @@ def test_training_graphs_turn_a_plain_causal_mask_into_is_causal(routes):
     assert all(rel_err(p.grad, grads[n]) < 1e-4 for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("attn,kv_heads", [("sdpa", 2), ("eager", 4)])
+def test_causal_attention_pass_is_default_and_takes_only_plain_causality(attn, kv_heads):
+    """The ``causal_attention`` pass (on by default): the attention of a prompt without mask or
+    cache, for HF's sdpa and eager attention, GQA and MHA; logits as eager. A padded prompt and
+    a continuation over a cache are left as they are (explain expects 0 there)."""
+    ref, model = make_model(tiny_config(True, kv_heads, attn)), make_model(tiny_config(True, kv_heads, attn))
+    cc.optimize(model)
+    assert "causal_attention" in cc.DEFAULT_PASSES and "attention" not in cc.DEFAULT_PASSES
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    out, rewrites = run(model, input_ids=ids)
+    with torch.no_grad():
+        assert rel_err(out.logits, ref(input_ids=ids).logits) < 1e-4
+    assert [r["causal_attention"] for r in rewrites] == [2] and "attention" not in rewrites[0]
+    rep = cc.explain(model, ids)
+    assert rep.matches["causal_attention"] == rep.expected["causal_attention"] == 2 and rep.missing == {}
+    if attn == "eager":
+        return  # the masks below reach both implementations alike (CPU time: checked once)
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, :3] = 0
+    rep = cc.explain(model, ids, attention_mask=am)
+    assert rep.matches["causal_attention"] == rep.expected["causal_attention"] == 0 and rep.missing == {}
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+    rep = cc.explain(model, ids[:, 5:], past_key_values=cache, use_cache=True)
+    assert rep.matches["causal_attention"] == rep.expected["causal_attention"] == 0 and rep.missing == {}
+
+
+def test_with_both_passes_causal_attention_takes_the_causal_attention_first():
+    model = cc.optimize(make_model(tiny_config(False, 2)), passes=["causal_attention", "attention"])
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    rep = cc.explain(model, ids)
+    assert (rep.matches["causal_attention"], rep.matches["attention"]) == (2, 0)
+    assert rep.expected["attention"] == 0 and rep.missing == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_causal_route_on_cuda_bf16(routes):

@@ -15,7 +15,7 @@ from conftest import make_model, padded_inputs, rel_err, tiny_config, with_weigh
 
 GROUP = 32  # tiny hidden size 64: the int4 group must divide every in_features
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FULL = {"qk_norm_rope": 2, "attention": 2, "paged_attention": 0, "swiglu": 2, "layer_norm": 3,
+FULL = {"qk_norm_rope": 2, "causal_attention": 0, "attention": 2, "paged_attention": 0, "swiglu": 2, "layer_norm": 3,
         "linear_cross_entropy": 0}  # no paged cache here
 
 

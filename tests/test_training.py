@@ -21,8 +21,8 @@ from cohere_compile.train import LORA_TARGETS, add_lora, compile_model, main, to
 from conftest import make_model, rel_err, tiny_config
 
 GRAD_TOL = 1e-4  # fp32
-ONE_LAYER = {"qk_norm_rope": 1, "attention": 1, "paged_attention": 0, "swiglu": 1, "layer_norm": 1,
-             "linear_cross_entropy": 0}  # one decoder layer
+ONE_LAYER = {"qk_norm_rope": 1, "causal_attention": 0, "attention": 1, "paged_attention": 0, "swiglu": 1,
+             "layer_norm": 1, "linear_cross_entropy": 0}  # one decoder layer
 NORM_ONLY = {n: int(n == "layer_norm") for n in PASS_NAMES}
 NOTHING = {n: 0 for n in PASS_NAMES}
 LORA_REGIONAL_GRAPHS = 4  # layer 0, layers 1.., final norm, head (see test_peft_lora_training_matches_eager)
@@ -238,8 +238,9 @@ def test_peft_lora_forward_rewrites_every_layer_with_dropout(compiled_graphs):
         ref.eval()  # the dropout was live: without it the logits differ
         assert rel_err(ref(input_ids=IDS, use_cache=False).logits, expected) > 1e-3
     assert len(compiled_graphs) == 1 and len(rewrites) == 1
-    assert rewrites[0] == {"qk_norm_rope": 2, "attention": 2, "paged_attention": 0, "swiglu": 2, "layer_norm": 3,
-                           "linear_cross_entropy": 0}
+    # no mask, no cache: causal_attention takes the attention (no_grad: an inference graph)
+    assert rewrites[0] == {"qk_norm_rope": 2, "causal_attention": 2, "attention": 0, "paged_attention": 0,
+                           "swiglu": 2, "layer_norm": 3, "linear_cross_entropy": 0}
 
 
 def test_lora_dropout_training_matches_eager_with_same_rng(compiled_graphs):

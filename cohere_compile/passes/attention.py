@@ -83,9 +83,10 @@ def _plain_causal(mask, is_causal: bool, q_val, k_val) -> bool:
     return not is_causal and isinstance(mask, torch.fx.Node) and is_plain_causal(mask)
 
 
-def rewrite_sdpa(graph: torch.fx.Graph, accept=None) -> int:
+def rewrite_sdpa(graph: torch.fx.Graph, accept=None, causal_only: bool = False) -> int:
     """Replace lowered SDPA nodes whose only used output is the attention result
-    (and, when given, for which ``accept(q, k, v)`` holds, K/V with repeat_kv peeled)."""
+    (and, when given, for which ``accept(q, k, v)`` holds, K/V with repeat_kv peeled).
+    ``causal_only``: only those whose mask is plain causality (the ``causal_attention`` pass)."""
     targets = _sdpa_overloads()
     count = 0
     for node in list(graph.nodes):
@@ -114,8 +115,11 @@ def rewrite_sdpa(graph: torch.fx.Graph, accept=None) -> int:
         scale = bound.get("scale")
         if scale is None:
             scale = q_val.shape[-1] ** -0.5
+        causal = _plain_causal(mask, is_causal, q_val, k_val)
+        if causal_only and not causal:
+            continue
         with graph.inserting_before(node):
-            if _plain_causal(mask, is_causal, q_val, k_val):
+            if causal:
                 new = graph.call_function(torch.ops.cohere.causal_attention.default, (q, k, v, float(scale)))
             else:
                 new = graph.call_function(torch.ops.cohere.flash_attention.default,
@@ -295,8 +299,9 @@ def _scale_is_float(match) -> bool:
     return isinstance(match.kwargs.get("scaling"), float)
 
 
-def register_eager_patterns(eager: PatternMatcherPass, extra_check=_scale_is_float) -> None:
-    """HF eager attention (GQA and MHA, transposed or contiguous q/k/v) -> flash_attention."""
+def register_eager_patterns(eager: PatternMatcherPass, extra_check=_scale_is_float, replacement=_replace) -> None:
+    """HF eager attention (GQA and MHA, transposed or contiguous q/k/v) -> ``replacement``
+    (default: flash_attention)."""
     b, h, kv, s, d = 2, 4, 2, 8, 16
 
     def inputs(n_kv):
@@ -316,8 +321,8 @@ def register_eager_patterns(eager: PatternMatcherPass, extra_check=_scale_is_flo
         return variants
 
     scalars = {"scaling": SCALE_PLACEHOLDER}
-    register(eager, _search_gqa, _replace, inputs(kv), scalars=scalars, extra_check=extra_check)
-    register(eager, _search_mha, _replace, inputs(h), scalars=scalars, extra_check=extra_check)
+    register(eager, _search_gqa, replacement, inputs(kv), scalars=scalars, extra_check=extra_check)
+    register(eager, _search_mha, replacement, inputs(h), scalars=scalars, extra_check=extra_check)
 
 
 def build() -> list:

@@ -20,25 +20,34 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topological_sort
 
 from .. import ops  # noqa: F401  (registers the cohere:: ops the replacements call)
-from . import attention, layer_norm, linear_cross_entropy, paged_attention, qk_norm_rope, swiglu
+from . import attention, causal_attention, layer_norm, linear_cross_entropy, paged_attention, qk_norm_rope, swiglu
 from .merge_projections import merge_projections
 from .rope_kv_write import fuse_rope_into_kv_write
 
 # Application order matters: qk_norm_rope must claim the per-head norms before
 # layer_norm looks at norms, and layer_norm's fused adds come before plain norms.
-_MODULES = {m.NAME: m for m in (qk_norm_rope, attention, paged_attention, swiglu, layer_norm, linear_cross_entropy)}
+# causal_attention before attention: with both on, it takes the plain-causal attention and
+# attention the masked rest.
+_MODULES = {m.NAME: m for m in (qk_norm_rope, causal_attention, attention, paged_attention, swiglu, layer_norm,
+                                linear_cross_entropy)}
 PASS_NAMES: tuple[str, ...] = tuple(_MODULES)
-# On by default only where the H200 ablation (bench/results/prefill_aya-8b_L4_ablation.json,
-# Aya-8B shapes, 4 layers, B1/B4 x 2048) shows the pass at least as fast as Inductor's
-# own code everywhere (ties within 1%) and faster somewhere. Measured 2026-11-29:
+# On by default only where an H200 run shows the pass at least as fast as Inductor's own code
+# everywhere (ties within 1%) and faster somewhere. The per-pass ablation
+# (bench/results/prefill_aya-8b_L4_ablation.json: Aya-8B shapes, 4 layers, B1/B4 x 2048),
+# 2026-11-29:
 #   swiglu        B1 -3.6%, B4 +0.3%  -> on
 #   layer_norm    B1 -1.5%, B4 +1.2%  -> off
 #   qk_norm_rope  B1 +2.0%, B4 +1.2%  -> off
-#   attention     B1 +8.4%, B4 +7.9%  -> off (kernel at 80-115 TFLOP/s vs SDPA's 145-165)
+#   attention     B1 +8.4%, B4 +7.9%  -> off (Triton kernel with HF's mask at 80-115 TFLOP/s vs
+#                 SDPA's 145-165)
+# 2026-11-30, 32 layers (bench/results/prefill_aya-8b_L32_causal.json), vs plain torch.compile:
+#   swiglu + attention's causal route  B1 1.095x, B4 1.081x -> causal_attention (that route
+#                 alone) on; all six passes B1 1.106x, B4 1.112x (layer_norm and qk_norm_rope
+#                 stay off until a 32-layer ablation settles the L4 result above)
 # The others stay available by name: optimize(model, passes=PASS_NAMES).
 #   paged_attention: only fires on decode over cc.PagedKVCache, where the alternative is
 #                 a dense gather of the whole cache per layer -> on (bench/results/decode_*.json)
-DEFAULT_PASSES: tuple[str, ...] = ("paged_attention", "swiglu")
+DEFAULT_PASSES: tuple[str, ...] = ("causal_attention", "paged_attention", "swiglu")
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _HASHED_DIRS = ("passes", "ops", "kernels")
