@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -171,3 +173,36 @@ def paged_attention_inputs(lengths, kv_heads: int, heads: int, head_dim: int, de
     mask = visible if bool_mask else torch.where(visible, 0.0, float("-inf")).to(torch.bfloat16)
     kv_bytes = sum(lengths) * 2 * kv_heads * head_dim * 2
     return (q, k_pool, v_pool, table.to(device), lens, mask[:, None, None], head_dim ** -0.5), kv_bytes
+
+
+# Kernel families for a profile's summary (first match wins; names as CUDA reports them)
+KERNEL_FAMILIES = (
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|sm90_|sm80_|splitk", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|attn", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
+    ("inductor fused", re.compile(r"^triton_(poi|red|per|tem)_")),
+    ("copy / fill", re.compile(r"memcpy|memset|copy|fill|cat", re.I)),
+)
+
+
+def kernel_family(name: str) -> str:
+    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+
+
+def kernel_summary(prof, per: int, top: int = 30) -> dict:
+    """CUDA kernel time of a torch.profiler run, per unit (``per`` tokens, steps, ...): the
+    total, by family (KERNEL_FAMILIES) and the ``top`` kernels, with call counts."""
+    kernel_us, calls = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernel_us[event.name[:100]] += event.device_time_total
+            calls[event.name[:100]] += 1
+    families = collections.Counter()
+    for name, us in kernel_us.items():
+        families[kernel_family(name)] += us
+    return {
+        "kernel_ms": sum(kernel_us.values()) / 1e3 / per,
+        "families_ms": {f: us / 1e3 / per for f, us in families.most_common()},
+        "top_kernels": [{"kernel": name, "us": us / per, "calls": calls[name] / per}
+                        for name, us in kernel_us.most_common(top)],
+    }

@@ -22,14 +22,13 @@ Measured 2026-11-29 on the H200 with an earlier form of this script:
 from __future__ import annotations
 
 import argparse
-import collections
 import gc
 import time
 
 import torch
 
 import cohere_compile as cc
-from bench.common import SHAPES, build_model, cuda_graph_time_s, environment, write_json
+from bench.common import SHAPES, build_model, cuda_graph_time_s, environment, kernel_summary, write_json
 from bench.decode import OUR_VARIANTS
 
 # cc.generate variants -> its keyword arguments: bench/decode.py's, and int4 (quantized in prepared())
@@ -102,18 +101,13 @@ def profile_variant(variant: str, args) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call(prompt, args.new_tokens)
         torch.cuda.synchronize()
-    kernel_us, calls = collections.Counter(), collections.Counter()
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernel_us[event.name[:100]] += event.device_time_total
-            calls[event.name[:100]] += 1
-    kernels_ms = sum(kernel_us.values()) / 1e3 / args.new_tokens
-    top = [{"kernel": name, "us_per_token": us / args.new_tokens, "calls_per_token": calls[name] / args.new_tokens}
-           for name, us in kernel_us.most_common(args.top)]
+    summary = kernel_summary(prof, per=args.new_tokens, top=args.top)
+    kernels_ms = summary["kernel_ms"]
+    top = [{"kernel": k["kernel"], "us_per_token": k["us"], "calls_per_token": k["calls"]} for k in summary["top_kernels"]]
     graph_launches = sum(e.name == "cudaGraphLaunch" for e in prof.events())
     result = {"compile_s": compile_s, "wall_ms_per_token": wall_ms, "kernel_ms_per_token": kernels_ms,
               "gpu_busy": kernels_ms / wall_ms, "cuda_graph_launches_per_token": graph_launches / args.new_tokens,
-              "top_kernels": top}
+              "families_ms_per_token": summary["families_ms"], "top_kernels": top}
     print(f"{variant}: {wall_ms:.2f} ms/token wall, {kernels_ms:.2f} ms of kernels ({kernels_ms / wall_ms:.0%} busy), "
           f"compile {compile_s:.0f} s", flush=True)
     for row in top[:15]:

@@ -32,6 +32,8 @@ stage() {
     tests-b) python3 -m pytest -q -m gpu tests/test_gpu_quant.py tests/test_int4_triton.py tests/test_training.py \
                tests/test_generate_default_cache.py tests/test_merge_projections.py -rfE ;;
     train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
+    train-profile) python3 bench/train.py --layers 32 --peers torch_compile cc cc_rewrites --profile \
+                     --name train_profile_aya-8b_L32_B4x1024.json ;;  # where a step's time goes, per peer
     train-budget) python3 bench/train.py --layers 32 --peers cc cc_rewrites --activation-memory-budget 0.6 ;;
     train-qlora) python3 bench/quant.py --skip-decode --out quant_aya-8b_L32_train.json ;;
     quant) python3 bench/quant.py --skip-train --variants bf16_generate,int4_generate,int4_triton_generate \
@@ -44,7 +46,11 @@ stage() {
     hf-generate) python3 bench/hf_generate.py --layers 32 --batch 1 --repeats 2 ;;
     paged-kernel) python3 bench/paged_kernel.py ;;
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
-    prefill) python3 bench/prefill.py --ablation --try swiglu,attention ;;
+    prefill) python3 bench/prefill.py --try swiglu,attention ;;  # (--ablation: ~18 variants, B1 alone fills a call)
+    prefill-plus-b1|prefill-plus-b4)  # does adding layer_norm, qk_norm_rope or merged projections to the default pay?
+      python3 bench/prefill.py --batches "${1: -1}" --no-all --try causal_attention,swiglu,+merged \
+        --try causal_attention,swiglu,layer_norm --try causal_attention,swiglu,qk_norm_rope \
+        --try causal_attention,swiglu,layer_norm,qk_norm_rope,+merged --tag "_plus_b${1: -1}" ;;
     decode-profile) python3 bench/decode_profile.py --layers 32 --gemm --variants ours,ours_unmerged ;;
     decode-b1-variants) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_no_swiglu,ours_rope_write,ours_combo \
                           --tag _b1_variants ;;

@@ -17,6 +17,7 @@ import torch
 
 import cohere_compile as cc
 from cohere_compile.backend import make_backend
+from cohere_compile.colocate import ensure_colocated
 from common import build_model, cuda_time_ms, environment, first_call_s, write_json
 
 
@@ -40,7 +41,9 @@ def main():
     ap.add_argument("--tflops", type=float, default=750.0)
     ap.add_argument("--ablation", action="store_true", help="also time each pass switched off / alone")
     ap.add_argument("--try", dest="try_sets", action="append", default=[],
-                    help="extra pass set to time, comma separated (e.g. swiglu,attention); repeatable")
+                    help="extra pass set to time, comma separated (e.g. swiglu,attention); repeatable. The item "
+                         "+merged computes q/k/v/gate/up as one matmul per layer (merge_projections, as cc.generate "
+                         "does; the weights are co-located first, which the other variants then read as row slices)")
     ap.add_argument("--no-all", action="store_true", help="skip the all-passes variant")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -60,8 +63,13 @@ def main():
     if not args.no_all:
         variants["cohere_all_passes"] = torch.compile(model, backend=make_backend({"passes": list(cc.PASS_NAMES)}))
     for spec in args.try_sets:
-        chosen = [p for p in spec.split(",") if p]
-        variants["cohere_" + "+".join(chosen)] = torch.compile(model, backend=make_backend({"passes": chosen}))
+        items = [p for p in spec.split(",") if p]
+        chosen = [p for p in items if p != "+merged"]
+        merged = "+merged" in items
+        if merged:
+            ensure_colocated(model)  # same values, one buffer per layer's five projections
+        backend = make_backend({"passes": chosen, "merge_projections": merged})
+        variants["cohere_" + "+".join(chosen) + ("+merged" if merged else "")] = torch.compile(model, backend=backend)
     if args.ablation:
         variants["cohere_no_passes"] = torch.compile(model, backend=make_backend({"passes": []}))
         for p in cc.PASS_NAMES:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import SHAPES, build_model, environment, write_json  # noqa: E402
+from bench.common import SHAPES, build_model, environment, kernel_summary, write_json  # noqa: E402
 from cohere_compile.train import LORA_TARGETS, add_lora, compile_model, token_batches, train  # noqa: E402
 
 PEAK_TFLOPS = 750.0
@@ -75,6 +75,30 @@ def _free():
         torch.cuda.empty_cache()
 
 
+PROFILED_STEPS = 2
+
+
+def profile_steps(model, batches, device: str) -> dict:
+    """Where a step's time goes: torch.profiler over PROFILED_STEPS more steps (after one unrecorded
+    step that sets up a fresh optimizer's state), CUDA kernel time per step by family and kernel."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=0, active=PROFILED_STEPS)) as prof:
+        result = train(model, batches, 1 + PROFILED_STEPS, lr=1e-4, progress=False, device=device, on_step=prof.step)
+    summary = kernel_summary(prof, per=PROFILED_STEPS)
+    summary["profiled_step_ms"] = [1e3 * s for s in result.step_s[1:]]  # under the profiler's overhead
+    return summary
+
+
+def print_profile(profile: dict, median_step_ms: float) -> None:
+    busy = profile["kernel_ms"] / median_step_ms
+    print(f"  kernels {profile['kernel_ms']:.1f} ms per step of {median_step_ms:.1f} ms ({busy:.0%} busy): "
+          + ", ".join(f"{f} {ms:.1f}" for f, ms in profile["families_ms"].items()), flush=True)
+    for k in profile["top_kernels"][:12]:
+        print(f"    {k['us'] / 1e3:7.2f} ms  {k['calls']:6.0f}x  {k['kernel']}")
+
+
 def run_peer(peer: str, args, shape: dict, device: str) -> dict:
     _free()
     if device == "cuda":
@@ -106,6 +130,7 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
     with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
         result = train(model, batches, args.warmup + args.steps, lr=1e-4, progress=False, device=device)
     wall = time.perf_counter() - t0
+    profile = profile_steps(model, batches, device) if args.profile else None
     out = {
         "peer": PEERS[peer],
         "first_step_s": result.first_step_s,
@@ -118,6 +143,9 @@ def run_peer(peer: str, args, shape: dict, device: str) -> dict:
         "dynamo_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
         "rewrites": rewrites,
     }
+    if profile is not None:
+        out["profile"] = profile
+        print_profile(profile, out["median_step_ms"])
     if device == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del model, batches, result
@@ -142,6 +170,8 @@ def main(argv=None) -> dict:
                         help="cc passes (default: DEFAULT_PASSES; cc_rewrites adds linear_cross_entropy)")
     parser.add_argument("--activation-memory-budget", type=float, default=None,
                         help="cc peers: cc.optimize(activation_memory_budget=...) (default: PyTorch's own)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, profile 2 more: CUDA kernel time per step by family / kernel")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--name", default=None, help="JSON file name under bench/results/")
     args = parser.parse_args(argv)

@@ -94,8 +94,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def train(model, batches, steps: int, lr: float = 1e-4, progress: bool = True, device="cpu") -> TrainResult:
-    """AdamW on the trainable parameters, labels = inputs (HF shifts them), no KV cache."""
+def train(model, batches, steps: int, lr: float = 1e-4, progress: bool = True, device="cpu",
+          on_step=None) -> TrainResult:
+    """AdamW on the trainable parameters, labels = inputs (HF shifts them), no KV cache.
+    ``on_step()``, when given, runs after every step (e.g. a torch.profiler's ``step``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
@@ -117,6 +119,8 @@ def train(model, batches, steps: int, lr: float = 1e-4, progress: bool = True, d
             result.step_s.append(time.perf_counter() - start)
             result.losses.append(loss)
             bar.update(task, advance=1, loss=loss, tps=result.tokens_per_step / result.step_s[-1])
+            if on_step is not None:
+                on_step()
     return result
 
 

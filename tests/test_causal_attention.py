@@ -159,8 +159,8 @@ def test_training_graphs_turn_a_plain_causal_mask_into_is_causal(routes):
 @pytest.mark.parametrize("attn,kv_heads", [("sdpa", 2), ("eager", 4)])
 def test_causal_attention_pass_is_default_and_takes_only_plain_causality(attn, kv_heads):
     """The ``causal_attention`` pass (on by default): the attention of a prompt without mask or
-    cache, for HF's sdpa and eager attention, GQA and MHA; logits as eager. A padded prompt and
-    a continuation over a cache are left as they are (explain expects 0 there)."""
+    cache, for HF's sdpa and eager attention, GQA and MHA; logits as eager. A padded prompt is
+    left as it is (explain expects 0 there)."""
     ref, model = make_model(tiny_config(True, kv_heads, attn)), make_model(tiny_config(True, kv_heads, attn))
     cc.optimize(model)
     assert "causal_attention" in cc.DEFAULT_PASSES and "attention" not in cc.DEFAULT_PASSES
@@ -177,11 +177,7 @@ def test_causal_attention_pass_is_default_and_takes_only_plain_causality(attn, k
     am[1, :3] = 0
     rep = cc.explain(model, ids, attention_mask=am)
     assert rep.matches["causal_attention"] == rep.expected["causal_attention"] == 0 and rep.missing == {}
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
-    rep = cc.explain(model, ids[:, 5:], past_key_values=cache, use_cache=True)
-    assert rep.matches["causal_attention"] == rep.expected["causal_attention"] == 0 and rep.missing == {}
+    # (a cache prefix: the same mask check, test_padding_and_cache_prefix_keep_the_masked_kernel)
 
 
 def test_with_both_passes_causal_attention_takes_the_causal_attention_first():

@@ -12,8 +12,8 @@ from cohere_compile.passes import PASS_NAMES, CoherePassManager, recording
 from conftest import make_model, padded_inputs, rel_err, tiny_config
 
 LAYERS = 2
-FULL = {"qk_norm_rope": LAYERS, "attention": LAYERS,
-        "causal_attention": 0,  # padded inputs: attention takes them all "swiglu": LAYERS, "layer_norm": LAYERS + 1,
+FULL = {"qk_norm_rope": LAYERS, "attention": LAYERS, "swiglu": LAYERS, "layer_norm": LAYERS + 1,
+        "causal_attention": 0,  # padded inputs: attention takes them all
         "linear_cross_entropy": 0,  # inference without labels: no loss to fuse
         "paged_attention": 0}  # no paged KV cache here
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}

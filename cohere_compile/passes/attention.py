@@ -86,7 +86,8 @@ def _plain_causal(mask, is_causal: bool, q_val, k_val) -> bool:
 def rewrite_sdpa(graph: torch.fx.Graph, accept=None, causal_only: bool = False) -> int:
     """Replace lowered SDPA nodes whose only used output is the attention result
     (and, when given, for which ``accept(q, k, v)`` holds, K/V with repeat_kv peeled).
-    ``causal_only``: only those whose mask is plain causality (the ``causal_attention`` pass)."""
+    ``causal_only``: only those with a materialised mask that is plain causality (the
+    ``causal_attention`` pass; SDPA that is already ``is_causal`` without a mask stays)."""
     targets = _sdpa_overloads()
     count = 0
     for node in list(graph.nodes):
@@ -116,7 +117,7 @@ def rewrite_sdpa(graph: torch.fx.Graph, accept=None, causal_only: bool = False) 
         if scale is None:
             scale = q_val.shape[-1] ** -0.5
         causal = _plain_causal(mask, is_causal, q_val, k_val)
-        if causal_only and not causal:
+        if causal_only and not (causal and mask is not None):
             continue
         with graph.inserting_before(node):
             if causal:

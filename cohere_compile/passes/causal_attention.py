@@ -9,6 +9,9 @@ alone; then the same attention runs as ``is_causal``. On the H200 (Aya-8B shapes
 B1/B4 x 2048 prefill, bench/results/prefill_aya-8b_L32_causal.json) that made the whole forward
 8-10% faster than plain ``torch.compile``.
 
+SDPA that already runs ``is_causal`` without a mask (as HF calls it outside ``torch.compile``, e.g.
+in a regionally compiled layer) is left as it is: there is nothing to gain.
+
 This is the ``attention`` pass's causal route on its own, without its Triton kernel for other
 masks (padding, a cache prefix), which measured slower than Inductor's SDPA. When both passes are
 on, this one runs first and ``attention`` takes the remaining (masked) attention.
