@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from .api import SUPPORTED_MODEL_TYPES, UnsupportedModelError, base_model
+from .seq_limit import enforce_max_seq_length
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES = ("linear", "dynamic")
@@ -108,6 +109,7 @@ class FastCohereModel:
         ``dtype=None`` picks bf16 on bf16-capable GPUs, fp16 on older GPUs, fp32 on CPU.
         ``load_in_4bit`` stores the decoder linears as torchao NF4 (quantized layer by layer on the
         target device); a ``*-bnb-4bit`` checkpoint is imported into NF4 directly.
+        ``max_seq_length`` is enforced: longer inputs raise ``SequenceTooLongError`` (seq_limit.py).
         """
         from transformers import AutoConfig, AutoTokenizer, CohereForCausalLM
 
@@ -149,7 +151,7 @@ class FastCohereModel:
                 quantize_model(model, "nf4", progress=progress, device=device)
             model.to(device)
         model.eval()
-        model.max_seq_length = max_seq_length
+        enforce_max_seq_length(model, max_seq_length)  # longer inputs raise SequenceTooLongError
 
         if fix_tokenizer:
             prepare_tokenizer(tokenizer, model.config)

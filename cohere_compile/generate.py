@@ -28,6 +28,7 @@ from .cache import PagedKVCache
 from .cache.paged_cache import pinned
 from .colocate import ensure_colocated
 from .passes.manager import validate_pass_names
+from .seq_limit import SequenceTooLongError, max_sequence_length, too_long_message
 
 TokenCallback = Callable[[int, int], None]  # (prompt index, new token id)
 
@@ -202,12 +203,12 @@ def generate(
         cache = PagedKVCache(config, rows, rows * blocks_per_seq * block_size, block_size=block_size,
                              dtype=dtype, device=device,
                              max_seq_len=blocks_per_seq * block_size)
-    limit = getattr(config, "max_position_embeddings", None)
+    limit, source = max_sequence_length(base_model(model))
     for i, p in enumerate(prompts):
         need = len(p) + max_new_tokens
         if limit is not None and need > limit:
-            raise ValueError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens} = {need} "
-                             f"exceeds the model's max_position_embeddings {limit}")
+            raise SequenceTooLongError("generate: " + too_long_message(
+                f"prompt {i} ({len(p)} tokens) + max_new_tokens {max_new_tokens}", need, limit, source))
         if need > cache.max_seq_len or -(-need // cache.block_size) > cache.num_blocks:
             raise ValueError(f"generate: prompt {i} needs {need} cache positions, more than the cache holds for one "
                              f"sequence (max_seq_len {cache.max_seq_len}, {cache.num_blocks} blocks of "

@@ -175,8 +175,8 @@ def hf_reference(original, rope_parameters):
 
 
 @pytest.mark.parametrize("kind,max_seq_length,rope_scaling", [
-    ("linear", 16, {"type": "linear", "factor": 2.0}),
-    ("dynamic", 16, {"type": "dynamic", "factor": 2.0}),
+    ("linear", 32, {"type": "linear", "factor": 2.0}),
+    ("dynamic", 32, {"type": "dynamic", "factor": 2.0}),
     ("linear", 32, None),  # max_seq_length past max_position_embeddings (16): linear, factor 32/16
 ])
 def test_rope_extension_matches_hf_reference(tmp_path, kind, max_seq_length, rope_scaling):
@@ -194,6 +194,33 @@ def test_rope_extension_matches_hf_reference(tmp_path, kind, max_seq_length, rop
     unscaled = logits(original, input_ids=ids)
     # positions past the limit did change (by far more than the 1e-5 agreement with HF above)
     assert rel_err(out[:, 16:], unscaled[:, 16:]) > 3e-4
+
+
+def test_max_seq_length_is_a_limit_with_a_clear_error(tmp_path):
+    """Past ``max_seq_length`` the forward (eager and compiled, prompt plus a DynamicCache's
+    contents) and cc.generate (before running) raise; up to it they run, also past the
+    checkpoint's max_position_embeddings (RoPE extended), which cc.generate used to refuse."""
+    cfg = tiny_config(False, 2)
+    cfg.max_position_embeddings = 16
+    save_checkpoint(tmp_path, cfg)
+    model, _ = FCM.from_pretrained(str(tmp_path), max_seq_length=24, load_in_4bit=False, progress=False)
+    ids = torch.randint(3, 128, (1, 25), generator=torch.Generator().manual_seed(6))
+    assert logits(model, input_ids=ids[:, :24]).shape[1] == 24
+    with pytest.raises(cc.SequenceTooLongError, match="input is 25 tokens, more than the model's max_seq_length 24"):
+        logits(model, input_ids=ids)
+    cache = transformers.DynamicCache(config=model.config)
+    logits(model, input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
+    with pytest.raises(cc.SequenceTooLongError, match=r"\(20 cached \+ 5 new\) is 25 tokens"):
+        logits(model, input_ids=ids[:, 20:], past_key_values=cache, use_cache=True)
+    prompt = ids[0, :20].tolist()
+    assert len(cc.generate(model, [prompt], 4, stop_tokens=(), compiled=False)[0]) == 4  # 24 > 16 positions
+    with pytest.raises(cc.SequenceTooLongError, match="max_new_tokens 5 is 25 tokens, more than the model's "
+                                                       "max_seq_length 24"):
+        cc.generate(model, [prompt], 5, stop_tokens=(), compiled=False)
+    cc.optimize(model, passes=[])
+    assert logits(model, input_ids=ids[:, :24]).shape[1] == 24
+    with pytest.raises(cc.SequenceTooLongError, match="max_seq_length 24"):
+        logits(model, input_ids=ids)
 
 
 def test_get_peft_model_qlora_step_and_mode_switches(tmp_path):

@@ -34,7 +34,8 @@ class CacheCapacityError(RuntimeError):
 
 
 class SequenceTooLongError(ValueError):
-    """A sequence would grow past the cache's per-sequence limit (``max_seq_len``)."""
+    """A sequence would grow past the cache's per-sequence limit (``max_seq_len``), or past the
+    model's ``max_seq_length`` / ``max_position_embeddings`` (``seq_limit.py``)."""
 
 
 def pinned(src: torch.Tensor, device: torch.device) -> torch.Tensor:
