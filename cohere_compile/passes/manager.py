@@ -42,7 +42,7 @@ PASS_NAMES: tuple[str, ...] = tuple(_MODULES)
 #                 SDPA's 145-165)
 # 2026-11-30, 32 layers (bench/results/prefill_aya-8b_L32_causal.json), vs plain torch.compile:
 #   swiglu + attention's causal route  B1 1.095x, B4 1.081x -> causal_attention (that route
-#                 alone) on; all six passes B1 1.106x, B4 1.112x (layer_norm and qk_norm_rope
+#                 alone) on; all passes (the six of then) B1 1.106x, B4 1.112x (layer_norm and qk_norm_rope
 #                 stay off until a 32-layer ablation settles the L4 result above)
 # The others stay available by name: optimize(model, passes=PASS_NAMES).
 #   paged_attention: only fires on decode over cc.PagedKVCache, where the alternative is
