@@ -57,8 +57,7 @@ def test_int4_tinygemm_optimize_matches_and_rewrites():
     assert 0.01 < err < 0.3, err  # int4 groups of 128
     explanation = cc.explain(model, ids, attention_mask=am)
     assert explanation.matches == {"qk_norm_rope": 2, "causal_attention": 0, "attention": 2, "paged_attention": 0,
-                                   "swiglu": 2,
-                                   "layer_norm": 3, "linear_cross_entropy": 0}, str(explanation)
+                                   "swiglu": 2, "layer_norm": 3, "linear_cross_entropy": 0}, str(explanation)
     assert explanation.graph_breaks == 0
     gen = model.generate(ids[:1, -5:], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert (gen[0, 5:] != 0).any(), "int4 model emitted only padding"
