@@ -77,6 +77,8 @@ def main():
             variants[f"cohere_without_{p}"] = torch.compile(model, backend=make_backend({"passes": rest}))
             variants[f"cohere_only_{p}"] = torch.compile(model, backend=make_backend({"passes": [p]}))
 
+    layers = cfg.num_hidden_layers
+    json_name = f"prefill_{args.shape}_L{layers}{'_ablation' if args.ablation else ''}{args.tag}.json"
     results = []
     for batch in args.batches:
         ids = torch.randint(10, cfg.vocab_size, (batch, args.seq), device="cuda")
@@ -96,6 +98,8 @@ def main():
             row = {"variant": name, "batch": batch, "seq": args.seq, "first_call_s": first, **timing,
                    "rel_err_vs_eager": rel, "floor_ms": floor_ms, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
             results.append(row)
+            # after every variant: a run cut short by the device's time limit keeps what it measured
+            write_json(json_name, {"env": environment(), "args": vars(args), "results": results})
             print(f"B{batch} x {args.seq} {name:<34} {timing['median_ms']:8.2f} ms  first {first:6.1f}s  "
                   f"rel_err {rel:.2e}  floor {floor_ms:.1f} ms", flush=True)
             gc.collect()
@@ -104,10 +108,7 @@ def main():
               f"vs eager: {base['hf_eager'] / base['cohere_compile']:.3f}x; "
               f"ours / floor: {base['cohere_compile'] / floor_ms:.2f}", flush=True)
 
-    layers = cfg.num_hidden_layers
-    name = f"prefill_{args.shape}_L{layers}{'_ablation' if args.ablation else ''}{args.tag}.json"
-    path = write_json(name, {"env": environment(), "args": vars(args), "results": results})
-    print("wrote", path)
+    print("wrote", write_json(json_name, {"env": environment(), "args": vars(args), "results": results}))
 
 
 if __name__ == "__main__":
