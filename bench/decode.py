@@ -180,6 +180,8 @@ def main():
     }
     results = {"env": environment() if device.type == "cuda" else {"device": "cpu"}, "args": vars(args),
                "copy_bandwidth_gbs": bandwidth, "workloads": {}}
+    layers = args.layers or SHAPES[args.shape]["num_hidden_layers"]
+    json_name = None if args.tiny else f"decode_{args.shape}_L{layers}{args.tag}.json"
     for name in args.workloads.split(","):
         lengths = workloads[name]
         prompts = make_prompts(lengths, model.config.vocab_size)
@@ -220,6 +222,9 @@ def main():
             except Exception as e:  # a peer that fails is reported, not fatal
                 entry = {"error": f"{type(e).__name__}: {e}"[:500]}
             row["peers"][peer] = entry
+            results["workloads"][name] = row
+            if json_name:  # after every peer: a run cut off by the call limit keeps its numbers
+                write_json(json_name, results)
             print(name, peer, {k: v for k, v in entry.items() if k != "stats"}, flush=True)
         if "ours" in outputs:
             ours = outputs["ours"].to("cpu")
@@ -245,9 +250,8 @@ def main():
             decode_only = f"{e['decode_only_tok_s']:.0f} ({e['decode_only_fraction_of_floor']:.0%})" \
                 if "decode_only_tok_s" in e else ""
             print(f"{name:<8}{peer:<11}{e['tok_s']:>10.0f}{e['fraction_of_floor']:>10.0%}{ratio:>9}{decode_only:>19}")
-    if not args.tiny:
-        layers = args.layers or SHAPES[args.shape]["num_hidden_layers"]
-        write_json(f"decode_{args.shape}_L{layers}{args.tag}.json", results)
+    if json_name:
+        write_json(json_name, results)
 
 
 if __name__ == "__main__":
