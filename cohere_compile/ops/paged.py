@@ -18,6 +18,7 @@ from ..kernels import rope as rope_kernel
 from ..kernels import empty_heads_like
 from . import reference
 from ._dispatch import check_inputs, use_triton
+from .rope import check_rope_args
 
 
 def _check_write(op, k_pool, k, v, slots):
@@ -56,9 +57,7 @@ def qk_norm_rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
     kernel; returns the rotated q (the rotated k only lands in the pool)."""
     check_inputs("cohere::qk_norm_rope_kv_write", q, k, v, q_weight, k_weight, cos, sin, k_pool, v_pool)
     _check_write("cohere::qk_norm_rope_kv_write", k_pool, k, v, slots)
-    if (q_weight is None) != (k_weight is None) or q.shape[-1] % 2:
-        raise ValueError("cohere::qk_norm_rope_kv_write: pass both q_weight and k_weight or neither, and an even "
-                         f"head_dim (got {q.shape[-1]})")
+    check_rope_args("cohere::qk_norm_rope_kv_write", q, q_weight, k_weight)
     if use_triton(q):
         return rope_kernel.qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots)
     q_rot, k_rot = reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)

@@ -10,13 +10,18 @@ from . import reference
 from ._dispatch import check_inputs, eps_value, use_triton
 
 
+def check_rope_args(op: str, q, q_weight, k_weight) -> None:
+    """The QK-norm weights come as a pair (or not at all), and RoPE rotates pairs of dims."""
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError(f"{op}: pass both q_weight and k_weight, or neither")
+    if q.shape[-1] % 2:
+        raise ValueError(f"{op}: head_dim must be even for RoPE, got {q.shape[-1]}")
+
+
 def _qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
     """q: (B, Hq, T, D), k: (B, Hk, T, D); outputs have the same shapes, laid out (B, T, H, D)."""
     check_inputs("cohere::qk_norm_rope", q, k, q_weight, k_weight, cos, sin)
-    if (q_weight is None) != (k_weight is None):
-        raise ValueError("cohere::qk_norm_rope: pass both q_weight and k_weight, or neither")
-    if q.shape[-1] % 2:
-        raise ValueError(f"cohere::qk_norm_rope: head_dim must be even for RoPE, got {q.shape[-1]}")
+    check_rope_args("cohere::qk_norm_rope", q, q_weight, k_weight)
     eps = eps_value(eps)
     if use_triton(q):
         return kernel.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
