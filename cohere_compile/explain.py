@@ -20,7 +20,7 @@ def _is_paged_decode(args, kwargs) -> bool:
     return isinstance(kwargs.get("past_key_values"), PagedKVCache) and length == 1
 
 
-def _is_plain_prompt(args, kwargs) -> bool:
+def _is_plain_prompt(kwargs) -> bool:
     """No ``attention_mask`` and nothing cached: HF builds the causal mask from sizes alone."""
     cache = kwargs.get("past_key_values")
     return kwargs.get("attention_mask") is None and (cache is None or cache.get_seq_length() == 0)
@@ -33,11 +33,11 @@ def expected_rewrites(config, args=(), kwargs=None, enabled=(), training=False) 
     ``attention`` has none; training graphs leave it to ``attention``)."""
     kwargs = kwargs or {}
     layers = config.num_hidden_layers
-    plain = not training and not _is_paged_decode(args, kwargs) and _is_plain_prompt(args, kwargs)
-    causal = layers if plain else 0
+    paged_decode = _is_paged_decode(args, kwargs)
+    causal = layers if not training and not paged_decode and _is_plain_prompt(kwargs) else 0
     return {"qk_norm_rope": layers, "causal_attention": causal,
             "attention": layers - causal if "causal_attention" in enabled else layers,
-            "paged_attention": layers if _is_paged_decode(args, kwargs) else 0,
+            "paged_attention": layers if paged_decode else 0,
             "swiglu": layers, "layer_norm": layers + 1, "linear_cross_entropy": 0}
 
 
