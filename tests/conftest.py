@@ -67,13 +67,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def assert_rope_kv_write_matches_reference(q, k, v, q_weight, k_weight, cos, sin, k_pool, v_pool, slots, tol):
-    """``cohere::qk_norm_rope_kv_write`` on copies of the pools = ``qk_norm_rope``'s reference,
-    then ``paged_write`` of the rotated k and of v. Returns the op's (k_pool, v_pool)."""
+def assert_rope_kv_write_matches_reference(q, k, v, q_weight, k_weight, cos, sin, k_pool, v_pool, slots, tol,
+                                           fused=None):
+    """``cohere::qk_norm_rope_kv_write`` (or ``fused``, a function of the same arguments) on copies
+    of the pools = ``qk_norm_rope``'s reference, then ``paged_write`` of the rotated k and of v.
+    Returns the op's (k_pool, v_pool)."""
     from cohere_compile.ops import reference
 
+    fused = fused or torch.ops.cohere.qk_norm_rope_kv_write
     ours, ref = (k_pool.clone(), v_pool.clone()), (k_pool.clone(), v_pool.clone())
-    q_out = torch.ops.cohere.qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, 1e-5, *ours, slots)
+    q_out = fused(q, k, v, q_weight, k_weight, cos, sin, 1e-5, *ours, slots)
     q_rot, k_rot = reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, 1e-5)
     reference.paged_write(*ref, k_rot, v, slots)
     assert rel_err(q_out, q_rot) < tol and rel_err(ours[0], ref[0]) < tol and torch.equal(ours[1], ref[1])

@@ -210,6 +210,21 @@ def test_qk_norm_rope_with_weights(dtype, hk):
     assert rel_err(k_out, ref_rope(ref_head_norm(k, kw), cos, sin)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("target", [1, 12, 10**6], ids=["per_token", "chunks_of_2_and_4", "per_head"])
+def test_qk_norm_rope_kernel_splits_heads_into_chunks(target):
+    """The launch's head chunks (decode steps on the GPU use small ones; the interpreter defaults
+    to one program per token): 6 tokens, 6 q / 3 k heads; at 12 programs q runs in chunks of 4
+    and k of 2, the last chunk of each partly masked."""
+    from cohere_compile.kernels import rope as rope_kernel
+
+    q, k, cos, sin = rope_inputs(torch.float32, b=2, t=3, hk=3, cos_batch=2)
+    qw, kw = torch.empty(6, 24).normal_(1.0, 0.3), torch.empty(3, 24).normal_(1.0, 0.3)
+    for weights, norm in (((qw, kw), lambda x, w: ref_head_norm(x, w)), ((None, None), lambda x, w: x)):
+        q_out, k_out = rope_kernel.qk_norm_rope(q, k, *weights, cos, sin, EPS, target_programs=target)
+        assert rel_err(q_out, ref_rope(norm(q, weights[0]), cos, sin)) < 1e-5
+        assert rel_err(k_out, ref_rope(norm(k, weights[1]), cos, sin)) < 1e-5
+
+
 def test_qk_norm_rope_contiguous_inputs_and_tensor_eps():
     q, k = heads_view(1, 6, 5, 24, torch.float32, False), heads_view(1, 3, 5, 24, torch.float32, False)
     cos, sin = torch.randn(1, 5, 24), torch.randn(1, 5, 24)

@@ -96,6 +96,25 @@ def test_qk_norm_rope_kv_write_matches_rope_then_write(dtype, qk_norm):
         torch.ops.cohere.qk_norm_rope_kv_write(q, k, v, qw, kw, cos, sin, 1e-5, *ours, slots[:, :2])
 
 
+@pytest.mark.parametrize("target", [12, 10**6], ids=["chunks_of_2_and_4", "per_head"])
+def test_qk_norm_rope_kv_write_kernel_in_head_chunks(target):
+    """The fused kernel with the small head chunks of a GPU decode step (the interpreter's
+    default is one program per token): 6 q / 3 k heads, 6 tokens, idle slots skipped."""
+    from cohere_compile.kernels import rope as rope_kernel
+
+    g = torch.Generator().manual_seed(4)
+    k_pool, v_pool = _pools(9, 3, 4, 10, torch.float32)
+    q = torch.randn(2, 3, 6, 10, generator=g).transpose(1, 2)
+    k = torch.randn(2, 3, 3, 10, generator=g).transpose(1, 2)
+    v = torch.randn(2, 3, 3, 10, generator=g)
+    cos, sin = (torch.randn(1, 3, 10, generator=g) for _ in range(2))
+    qw, kw = (torch.randn(h, 10, generator=g) for h in (6, 3))
+    slots = torch.tensor([[0, 5, 9], [-1, 17, 30]])
+    assert_rope_kv_write_matches_reference(
+        q, k, v, qw, kw, cos, sin, k_pool, v_pool, slots, 1e-5,
+        fused=lambda *a: rope_kernel.qk_norm_rope_kv_write(*a, target_programs=target))
+
+
 def test_paged_gather_zeroes_past_length():
     k_pool, _ = _pools(6, 2, 4, 3, torch.float32)
     table = torch.tensor([[2, 5, -1]], dtype=torch.int32)

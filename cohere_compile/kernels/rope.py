@@ -1,7 +1,12 @@
 """Cohere's interleaved RoPE, optionally preceded by the per-head QK LayerNorm.
 
-One launch handles q and k together: program ``p`` owns token ``(b, t)`` and rotates
-all of its query heads, then all of its key heads. RoPE pairs neighbouring
+One launch handles q and k together: program ``(p, c)`` owns token ``(b, t)`` and rotates
+chunk ``c`` of its heads (the query heads' chunks first, then the key heads'). Prefill has
+many tokens, so a chunk is all query (or all key) heads; a decode step has a handful, so
+there chunks shrink (down to one head) until the launch has about two programs per SM (at
+batch 1 the step's 40 Aya heads run as 40 programs rather than one: a single program
+rotating every head of the token was slower on the H200 than the two Inductor kernels it
+replaced). RoPE pairs neighbouring
 elements ``(2i, 2i+1)`` (``repeat_interleave`` frequencies, not Llama's half split),
 so each element is combined with its partner at index ``d ^ 1``.
 
@@ -9,6 +14,7 @@ Rounding follows the eager model: the normed head is rounded to the input dtype
 before it is upcast again for the rotation, and the result is rounded once.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -19,10 +25,11 @@ from . import empty_heads_like, next_pow2
 def _rotate_heads(
     x_ptr, sxb, sxh, sxt, sxd,
     o_ptr, sob, soh, sot,
-    w_ptr, cos, sin, b, t, n_heads, head_dim, eps,
+    w_ptr, cos, sin, b, t, h0, n_heads, head_dim, eps,
     HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    h = tl.arange(0, BLOCK_H)[:, None]
+    """Heads ``h0 .. h0 + BLOCK_H`` of token ``(b, t)``."""
+    h = h0 + tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     valid = (h < n_heads) & (d < head_dim)
     row = x_ptr + b * sxb + t * sxt + h * sxh
@@ -60,34 +67,58 @@ def qk_norm_rope_kernel(
     (``paged.paged_kv_write``'s layout) instead of to a k output (the ``v`` / pool / slot
     arguments are unused otherwise)."""
     pid = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    q_chunks = tl.cdiv(n_q_heads, BLOCK_HQ)
     b = pid // seq_len
     t = pid % seq_len
     d = tl.arange(0, BLOCK_D)[None, :]
     d_valid = d < head_dim
     cos = tl.load(cos_ptr + b * scb + t * sct + d * scd, mask=d_valid, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + b * scb + t * sct + d * scd, mask=d_valid, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, sqb, sqh, sqt, sqd, qo_ptr, sqob, sqoh, sqot, qw_ptr, cos, sin,
-                  b, t, n_q_heads, head_dim, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
-    if WRITE_KV:
-        slot = tl.load(slots_ptr + pid).to(tl.int64)
-        if slot >= 0:  # -1: an idle batch row, nothing to store
-            dst = (slot // block_size) * spn + (slot % block_size) * sps
-            # the pool slot as an output with no batch / token strides
-            _rotate_heads(k_ptr, skb, skh, skt, skd, kpool_ptr + dst, 0, sph, 0, kw_ptr, cos, sin,
-                          b, t, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
-            h = tl.arange(0, BLOCK_HK)[:, None]
-            valid = (h < n_k_heads) & d_valid
-            vv = tl.load(v_ptr + b * svb + t * svt + h * svh + d * svd, mask=valid)
-            tl.store(vpool_ptr + dst + h * sph + d, vv.to(vpool_ptr.dtype.element_ty), mask=valid)
+    if chunk < q_chunks:
+        _rotate_heads(q_ptr, sqb, sqh, sqt, sqd, qo_ptr, sqob, sqoh, sqot, qw_ptr, cos, sin,
+                      b, t, chunk * BLOCK_HQ, n_q_heads, head_dim, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
     else:
-        _rotate_heads(k_ptr, skb, skh, skt, skd, ko_ptr, skob, skoh, skot, kw_ptr, cos, sin,
-                      b, t, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+        h0 = (chunk - q_chunks) * BLOCK_HK
+        if WRITE_KV:
+            slot = tl.load(slots_ptr + pid).to(tl.int64)
+            if slot >= 0:  # -1: an idle batch row, nothing to store
+                dst = (slot // block_size) * spn + (slot % block_size) * sps
+                # the pool slot as an output with no batch / token strides
+                _rotate_heads(k_ptr, skb, skh, skt, skd, kpool_ptr + dst, 0, sph, 0, kw_ptr, cos, sin,
+                              b, t, h0, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+                h = h0 + tl.arange(0, BLOCK_HK)[:, None]
+                valid = (h < n_k_heads) & d_valid
+                vv = tl.load(v_ptr + b * svb + t * svt + h * svh + d * svd, mask=valid)
+                tl.store(vpool_ptr + dst + h * sph + d, vv.to(vpool_ptr.dtype.element_ty), mask=valid)
+        else:
+            _rotate_heads(k_ptr, skb, skh, skt, skd, ko_ptr, skob, skoh, skot, kw_ptr, cos, sin,
+                          b, t, h0, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=None):
-    """One program per token. ``k_out`` receives the rotated k, or ``write = (v, k_pool,
+def _heads_per_program(tokens: int, heads: int, target_programs: int) -> int:
+    """The largest power-of-two head chunk that still gives ``target_programs`` programs (or one head)."""
+    per = next_pow2(heads)
+    while per > 1 and tokens * triton.cdiv(heads, per) < target_programs:
+        per //= 2
+    return per
+
+
+def _target_programs(x) -> int:
+    if x.device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return 1  # the CPU interpreter runs programs one by one: fewest programs, fastest tests
+
+
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=None, target_programs=None):
+    """Programs per (token, head chunk), see the module docstring (``target_programs``: the
+    device's default unless given). ``k_out`` receives the rotated k, or ``write = (v, k_pool,
     v_pool, slots)`` stores it and v in the pools."""
     bsz, n_q, seq, dim = q.shape
+    n_k = k.shape[1]
+    target = _target_programs(q) if target_programs is None else target_programs
+    block_hq, block_hk = (_heads_per_program(bsz * seq, n, target) for n in (n_q, n_k))
+    chunks = triton.cdiv(n_q, block_hq) + triton.cdiv(n_k, block_hk)
     has_norm = q_weight is not None
     if has_norm:
         q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
@@ -103,32 +134,33 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=No
         slots = slots.reshape(-1).contiguous()
         ko = (q_out, 0, 0, 0)  # unused
     if bsz * seq:
-        qk_norm_rope_kernel[(bsz * seq,)](
+        qk_norm_rope_kernel[(bsz * seq, chunks)](
             q, *q.stride(), k, *k.stride(),
             q_out, *q_out.stride()[:3], *ko,
             v, *v.stride(),
             k_pool, v_pool, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), slots, k_pool.shape[2],
             q_weight if has_norm else q, k_weight if has_norm else k,
             cos, sin, *cos.stride(),
-            seq, n_q, k.shape[1], dim, float(eps),
-            HAS_NORM=has_norm, WRITE_KV=write is not None, BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(k.shape[1]),
-            BLOCK_D=next_pow2(dim), num_warps=4,
+            seq, n_q, n_k, dim, float(eps),
+            HAS_NORM=has_norm, WRITE_KV=write is not None, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+            BLOCK_D=next_pow2(dim), num_warps=4 if max(block_hq, block_hk) > 2 else 1,  # one-head chunks: one warp
         )
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, target_programs=None):
     """q: (B, Hq, T, D), k: (B, Hk, T, D) (any strides); cos/sin: (B|1, T, D).
     Weights (Hq, D) / (Hk, D) or both None (RoPE only). Returns rotated (q, k)."""
     q_out, k_out = empty_heads_like(q), empty_heads_like(k)
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=k_out)
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=k_out, target_programs=target_programs)
     return q_out, k_out
 
 
-def qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots):
+def qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots, target_programs=None):
     """``qk_norm_rope`` on q and k in the same launch as the paged cache write of the rotated k
     and of v at ``slots`` (B, T), as ``paged.paged_kv_write`` stores them. Returns the rotated q."""
     q_out = empty_heads_like(q)
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, write=(v, k_pool, v_pool, slots))
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, write=(v, k_pool, v_pool, slots),
+            target_programs=target_programs)
     return q_out
 
 
@@ -217,8 +249,6 @@ def qk_norm_rope_backward_kernel(
 def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
     """Backward of ``qk_norm_rope``. Returns ``(dq, dk, dq_weight, dk_weight)``; the
     weight grads are None without QK norm. dq / dk are laid out (B, T, H, D)."""
-    import torch
-
     bsz, n_q, seq, dim = q.shape
     n_k = k.shape[1]
     dq, dk = empty_heads_like(q), empty_heads_like(k)
