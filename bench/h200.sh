@@ -1,8 +1,9 @@
 #!/bin/bash
 # The H200 runs behind the README's tables, as stages that each fit one 10-minute device call.
 # On a 2-GPU machine pass two stages: they run side by side, one per GPU (device time counts
-# the machine, not its GPUs). Logs, and the JSON files the stages write, are copied to $OUT
-# (the device tool's folder; default /tmp/h200_logs).
+# the machine, not its GPUs). With more stages than GPUs they run one after another, each
+# under its own LIMIT (seconds; set it so the sum fits the call). Logs, and the JSON files the
+# stages write, are copied to $OUT (the device tool's folder; default /tmp/h200_logs).
 #
 #   bash bench/h200.sh tests train          # GPU 0: pytest -m gpu; GPU 1: 32-layer LoRA training
 #   bash bench/h200.sh quant decode-b1      # int4/bf16 decode; B1 decode vs the loop
@@ -55,6 +56,12 @@ stage() {
     decode-b1-variants) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_no_swiglu,ours_rope_write,ours_combo \
                           --tag _b1_variants ;;
     decode-b1-merged) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_unmerged --tag _b1_merged ;;
+    decode-b1-od) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_rows_merged,ours_rope_write \
+                    --tag _b1_od ;;  # o+down merged (default) vs only q/k/v/gate/up; + the fused rope write
+    decode-ragged-od) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rows_merged,ours_rope_write \
+                        --tag _ragged_od ;;
+    tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \
+                    tests/test_causal_attention.py tests/test_gpu.py -rfE ;;  # what 2026-12-02 touched
     decode-ragged-merged) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_unmerged \
                             --tag _ragged_merged ;;
     hf-generate-profile) python3 bench/decode_profile.py --layers 16 --variants hf_paged,hf_dynamic \
@@ -64,11 +71,17 @@ stage() {
 }
 
 gpu=${FIRST_GPU:-0}  # FIRST_GPU=1: this call's stages start on GPU 1 (another script holds GPU 0)
-for name in "$@"; do
-  (CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$gpu timeout "$LIMIT" \
-     bash -c "$(declare -f stage); stage $name" > "$OUT/$name.log" 2>&1; echo "$name: exit $?") &
-  gpu=$((gpu + 1))
-done
-wait
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+run_stage() {  # stage name, GPU
+  CUDA_VISIBLE_DEVICES=$2 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$2 timeout "$LIMIT" \
+    bash -c "$(declare -f stage); stage $1" > "$OUT/$1.log" 2>&1
+  echo "$1: exit $?"
+}
+if [ "$#" -gt "$((gpus - gpu))" ]; then
+  for name in "$@"; do run_stage "$name" "$gpu"; done  # too few GPUs: one after another
+else
+  for name in "$@"; do run_stage "$name" "$gpu" & gpu=$((gpu + 1)); done
+  wait
+fi
 find bench/results -name '*.json' -newer "$START_MARK" -exec cp {} "$OUT"/ \;  # only this run's
 for name in "$@"; do echo "=== $name"; grep -v -i "warn" "$OUT/$name.log" | tail -15; done
