@@ -1,15 +1,9 @@
-"""``merge_projections``: projections whose weights lie side by side in one storage (after
-``colocate.ensure_colocated``) become one matmul over the whole block. Two kinds, both from
-Cohere's parallel block:
-
-- **Shared input** (weights stacked row-wise): q, k, v, gate and up read the same normed hidden
-  state; the merged matmul's output is sliced back into the five. At decode sizes one long GEMV
-  streams the weights faster than three short ones (H200 probe, 32 Aya-8B layers in a CUDA graph:
-  q+k+v 0.91 -> 0.53 ms, gate+up 1.96 -> 1.82 ms).
-- **Shared sum** (weights side by side column-wise): ``residual + o(a) + down(m)`` is
-  ``residual + [W_o | W_down] @ [a; m]``, one matmul over the concatenated inputs (o's 4096 x 4096
-  GEMV alone is too short to stream at full bandwidth). The two partial products are summed in
-  the matmul's fp32 accumulator and rounded once (eager rounds each, then their sum).
+"""``merge_projections``: projections that read the same input through weights lying back to back
+in one storage (after ``colocate.ensure_colocated``: in Cohere's parallel block q, k, v, gate and
+up all read the same normed hidden state) become one matmul over the whole block, and each old
+output a slice of it. At decode sizes one long GEMV streams the
+weights faster than three short ones (H200 probe, 32 Aya-8B layers in a CUDA graph: q+k+v
+0.91 -> 0.53 ms, gate+up 1.96 -> 1.82 ms).
 
 The weights stay separate graph inputs; the merged block is ``as_strided`` over the first one's
 storage. That is only valid while the weights stay where they were when the graph was compiled,
@@ -22,8 +16,6 @@ CUDA) enables it for its own compiled forwards and checks the layout before ever
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch._inductor.pattern_matcher import stable_topological_sort
@@ -52,14 +44,13 @@ class _Projection:
         self.weight, self.chain, self.consumer, self.x, self.output = weight, chain, consumer, x, output
         val = _val(weight)
         self.rows, self.cols = val.shape
-        self.row_stride = val.stride(0)  # cols where contiguous; the block's width in a column group
         self.offset = val.storage_offset()
 
-    def steps(self) -> tuple:
-        """What must be equal for projections to merge besides X: the weight-side steps, the
-        consumer, the dtype, and the weight's row stride."""
+    def signature(self) -> tuple:
+        """What must be equal for projections to merge (all but the weight): the same X (up to
+        the view / cast / unsqueeze steps each branch may repeat), the same weight-side steps."""
         chain = tuple((n.target, _hashable(n.args[1:])) for n in self.chain)
-        return (chain, self.consumer.target, _val(self.weight).dtype, self.row_stride)
+        return (_canonical(self.x), chain, self.consumer.target, _val(self.weight).dtype, self.cols)
 
     @property
     def storage(self) -> int:
@@ -67,7 +58,6 @@ class _Projection:
 
 
 _X_STEPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default, _CONVERT)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _canonical(x: torch.fx.Node) -> tuple:
@@ -81,8 +71,8 @@ def _canonical(x: torch.fx.Node) -> tuple:
 
 def _find(weight: torch.fx.Node) -> _Projection | None:
     val = _val(weight)
-    if not isinstance(val, torch.Tensor) or val.dim() != 2 or val.stride(1) != 1 or val.stride(0) < val.shape[1]:
-        return None  # row-major, contiguous or a column slice of a wider block
+    if not isinstance(val, torch.Tensor) or val.dim() != 2 or val.stride() != (val.shape[1], 1):
+        return None
     node = _single_user(weight)
     if node is None or node.target != aten.permute.default or list(node.args[1]) != [1, 0]:
         return None
@@ -112,82 +102,31 @@ def _find(weight: torch.fx.Node) -> _Projection | None:
     return _Projection(weight, chain, consumer, consumer.args[0], output)
 
 
-def _runs(found: list[_Projection], step) -> list[list[_Projection]]:
-    """Runs (of two or more) of projections, in storage order, each starting where the one
-    before it ends by ``step(previous)`` elements."""
-    found = sorted(found, key=lambda p: p.offset)
-    runs, run = [], [found[0]]
-    for p in found[1:]:
-        if p.offset == run[-1].offset + step(run[-1]):
-            run.append(p)
+def _groups(graph: torch.fx.Graph) -> list[list[_Projection]]:
+    """Projections with the same signature whose weights tile one storage without gaps, in
+    storage order (runs of at least two)."""
+    by_signature: dict[tuple, list[_Projection]] = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
             continue
-        if len(run) > 1:
-            runs.append(run)
-        run = [p]
-    if len(run) > 1:
-        runs.append(run)
-    return runs
-
-
-def _projections(graph: torch.fx.Graph) -> list[_Projection]:
-    return [p for p in (_find(n) for n in graph.nodes if n.op == "placeholder") if p is not None]
-
-
-def _row_groups(projections: list[_Projection]) -> list[list[_Projection]]:
-    """Projections of one X whose contiguous weights tile one storage row-wise without gaps."""
-    by_key: dict[tuple, list[_Projection]] = {}
-    for p in projections:
-        if p.row_stride == p.cols:
-            by_key.setdefault((_canonical(p.x), p.steps(), p.storage), []).append(p)
-    return [run for found in by_key.values() for run in _runs(found, lambda p: p.rows * p.cols)]
-
-
-def _summed_value(p: _Projection) -> tuple[list[torch.fx.Node], torch.fx.Node, torch.fx.Node] | None:
-    """(view steps from p's output, the value they end in, the add that consumes it), where the
-    output reaches one add through single-use views alone."""
-    node, views = p.output, []
-    while (user := _single_user(node)) is not None and user.target in _VIEWS:
-        views.append(user)
-        node = user
-    add = _single_user(node)
-    if add is None or add.target != aten.add.Tensor or len(add.args) != 2 or add.kwargs:
-        return None
-    return views, node, add
-
-
-class _ColumnPair(NamedTuple):
-    first: _Projection  # its weight starts the block row
-    second: _Projection
-    views: list  # the view steps from first's output to the summed shape
-    residual: torch.fx.Node  # what the first add adds the first projection output to
-    outer: torch.fx.Node  # the add that yields residual + both outputs
-
-
-def _column_pairs(projections: list[_Projection]) -> list[_ColumnPair]:
-    """Two projections whose weights are the two column halves of one block and whose outputs
-    are added into one sum: ``(r + first) + second`` or ``(r + second) + first`` (either operand
-    order), with the inner add feeding nothing else and no broadcasting."""
-    by_key: dict[tuple, list[_Projection]] = {}
-    for p in projections:
-        if p.row_stride > p.cols:
-            by_key.setdefault((p.steps(), p.storage, p.rows), []).append(p)
-    pairs = []
-    for found in by_key.values():
-        for run in _runs(found, lambda p: p.cols):
-            if len(run) != 2 or run[0].offset % run[0].row_stride or sum(p.cols for p in run) != run[0].row_stride:
-                continue  # exactly one whole block row
-            summed = [_summed_value(p) for p in run]
-            if None in summed or _val(run[0].x).shape[:1] != _val(run[1].x).shape[:1]:
+        p = _find(node)
+        if p is not None:
+            by_signature.setdefault((p.signature(), p.storage), []).append(p)
+    groups = []
+    for found in by_signature.values():
+        found.sort(key=lambda p: p.offset)
+        run = [found[0]]
+        for p in found[1:]:
+            prev = run[-1]
+            if p.offset == prev.offset + prev.rows * prev.cols:
+                run.append(p)
                 continue
-            (views, value_a, add_a), (_, value_b, add_b) = summed
-            for (inner, inner_value), (outer, outer_value) in (((add_a, value_a), (add_b, value_b)),
-                                                                 ((add_b, value_b), (add_a, value_a))):
-                others = [a for a in inner.args if a is not inner_value]
-                if (_single_user(inner) is outer and len(others) == 1 and set(outer.args) == {inner, outer_value}
-                        and _val(others[0]) is not None and _val(others[0]).shape == _val(outer).shape):
-                    pairs.append(_ColumnPair(run[0], run[1], views, others[0], outer))
-                    break
-    return pairs
+            if len(run) > 1:
+                groups.append(run)
+            run = [p]
+        if len(run) > 1:
+            groups.append(run)
+    return groups
 
 
 def _call(graph: torch.fx.Graph, target, args) -> torch.fx.Node:
@@ -196,46 +135,27 @@ def _call(graph: torch.fx.Graph, target, args) -> torch.fx.Node:
     return node
 
 
-def _block_matmul(graph: torch.fx.Graph, first: _Projection, shape: list, x: torch.fx.Node) -> torch.fx.Node:
-    """``first``'s matmul form (weight steps, mm or mul + sum, cast back) over the ``shape``
-    block of weights that starts at ``first``'s weight, reading ``x``."""
-    node = _call(graph, aten.as_strided.default, (first.weight, shape, [first.row_stride, 1], first.offset))
-    for link in first.chain:
-        node = _call(graph, link.target, (node, *link.args[1:]))
-    node = _call(graph, first.consumer.target, (x, node))
-    if first.consumer.target == aten.mul.Tensor:  # the GEMV decomposition: sum over K
-        total = _single_user(first.consumer)
-        node = _call(graph, total.target, (node, *total.args[1:]))
-    if first.output.target == _CONVERT:  # a cast back after the matmul
-        node = _call(graph, first.output.target, (node, *first.output.args[1:]))
-    return node
-
-
-def _merge_rows(graph: torch.fx.Graph, group: list[_Projection], order: dict) -> None:
+def _merge(graph: torch.fx.Graph, group: list[_Projection], order: dict) -> None:
     first = group[0]  # lowest storage offset: the merged block starts at its weight
     # Insert before the group's earliest consumer, reading that branch's X (every branch's X
     # has the same value, and that one is defined before this point).
     earliest = min(group, key=lambda p: order[p.consumer])
+    rows = sum(p.rows for p in group)
     with graph.inserting_before(earliest.consumer):
-        merged = _block_matmul(graph, first, [sum(p.rows for p in group), first.cols], earliest.x)
-        start = 0
+        node = _call(graph, aten.as_strided.default, (first.weight, [rows, first.cols], [first.cols, 1], first.offset))
+        for link in first.chain:
+            node = _call(graph, link.target, (node, *link.args[1:]))
+        node = _call(graph, first.consumer.target, (earliest.x, node))
+        if first.consumer.target == aten.mul.Tensor:  # the GEMV decomposition: sum over K
+            total = _single_user(first.consumer)
+            node = _call(graph, total.target, (node, *total.args[1:]))
+        if first.output.target == _CONVERT:  # a cast back after the matmul
+            node = _call(graph, first.output.target, (node, *first.output.args[1:]))
+        merged, start = node, 0
         for p in group:
             piece = _call(graph, aten.slice.Tensor, (merged, 1, start, start + p.rows))
             start += p.rows
             p.output.replace_all_uses_with(piece)
-
-
-def _merge_columns(graph: torch.fx.Graph, pair: _ColumnPair) -> None:
-    """``r + first(X1) + second(X2)`` -> ``r + block @ cat(X1, X2)``; K is dim 1 of X in both
-    forms (``(M, K)`` for mm, ``(M, K, 1)`` for the GEMV decomposition)."""
-    first = pair.first
-    with graph.inserting_before(pair.outer):
-        x = _call(graph, aten.cat.default, ([first.x, pair.second.x], 1))
-        node = _block_matmul(graph, first, [first.rows, first.row_stride], x)
-        for view in pair.views:
-            node = _call(graph, view.target, (node, *view.args[1:]))
-        total = _call(graph, aten.add.Tensor, (pair.residual, node))
-    pair.outer.replace_all_uses_with(total)
 
 
 def merge_projections(graph: torch.fx.Graph) -> int:
@@ -245,13 +165,10 @@ def merge_projections(graph: torch.fx.Graph) -> int:
     # decomposition left), which would hide single-use chains.
     stable_topological_sort(graph)
     graph.eliminate_dead_code()
-    projections = _projections(graph)
-    rows, columns = _row_groups(projections), _column_pairs(projections)
+    groups = _groups(graph)
     order = {node: i for i, node in enumerate(graph.nodes)}
-    for group in rows:
-        _merge_rows(graph, group, order)
-    for pair in columns:
-        _merge_columns(graph, pair)
-    if rows or columns:
+    for group in groups:
+        _merge(graph, group, order)
+    if groups:
         graph.eliminate_dead_code()
-    return len(rows) + len(columns)
+    return len(groups)
