@@ -19,8 +19,6 @@ Peers, all in the same run:
   so Inductor can fuse silu(gate) * up into the down projection's GEMV (not in the default list).
 - ``ours_rope_write``: the default passes + qk_norm_rope, so each layer's RoPE (and QK norm) and
   its k/v cache write are one kernel (``cohere::qk_norm_rope_kv_write``; not in the default list).
-- ``ours_rows_merged``: q/k/v/gate/up merged but o and down as two matmuls (the default before
-  o + down became one; not in the default list).
 
 tokens/s = generated tokens / wall time of the whole call (prefill included), after a
 warm-up call. For ours we also report decode-only tokens/s (prefill excluded). The
@@ -34,7 +32,6 @@ sequence at its average length) / the measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import statistics
 import time
@@ -58,31 +55,12 @@ OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": Tru
                 "ours_combo": {"inductor_options": {"combo_kernels": True}},
                 "ours_unmerged": {"merge_projections": False},
                 "ours_no_swiglu": {"passes": []},
-                "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]},
-                "ours_rows_merged": {}}  # + VARIANT_CONTEXTS
-
-
-@contextlib.contextmanager
-def _rows_merged_only(model):
-    """``ours_rows_merged``: o/down get their own contiguous storage and stay out of the weight
-    co-location while the variant runs, so only the q/k/v/gate/up block merges."""
-    from cohere_compile import colocate
-
-    colocate.release_strided(model)
-    groups, colocate.GROUPS = colocate.GROUPS, (colocate.INPUT_GROUP,)
-    try:
-        yield
-    finally:
-        colocate.GROUPS = groups
-
-
-VARIANT_CONTEXTS = {"ours_rows_merged": _rows_merged_only}
+                "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]}}
 
 
 def generate_variant(model, variant: str, prompts, new_tokens: int, **kwargs):
     """``cc.generate`` as ``variant`` (of OUR_VARIANTS) runs it."""
-    with VARIANT_CONTEXTS.get(variant, lambda m: contextlib.nullcontext())(model):
-        return cc.generate(model, prompts, new_tokens, **OUR_VARIANTS[variant], **kwargs)
+    return cc.generate(model, prompts, new_tokens, **OUR_VARIANTS[variant], **kwargs)
 
 
 def make_prompts(lengths, vocab, seed=0):

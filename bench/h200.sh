@@ -56,10 +56,10 @@ stage() {
     decode-b1-variants) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_no_swiglu,ours_rope_write,ours_combo \
                           --tag _b1_variants ;;
     decode-b1-merged) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_unmerged --tag _b1_merged ;;
-    decode-b1-od) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_rows_merged,ours_rope_write \
-                    --tag _b1_od ;;  # o+down merged (default) vs only q/k/v/gate/up; + the fused rope write
-    decode-ragged-od) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rows_merged,ours_rope_write \
-                        --tag _ragged_od ;;
+    decode-b1-rope) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_rope_write --tag _b1_rope ;;
+    decode-ragged-rope) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rope_write \
+                          --tag _ragged_rope ;;  # the fused rope + cache write, now with head-chunked launches
+    tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;
     tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \
                     tests/test_causal_attention.py tests/test_gpu.py -rfE ;;  # what 2026-12-02 touched
     decode-ragged-merged) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_unmerged \
