@@ -291,6 +291,20 @@ def test_generate_passes_choose_its_graphs_and_rope_fuses_into_the_cache_write()
     assert tokens == [_hf_greedy(model, p, 3) for p in prompts]
 
 
+def test_generate_adds_the_fused_rope_write_only_on_cuda_and_only_by_default():
+    """On CUDA generate's graphs also get qk_norm_rope (so rope_kv_write fuses; measured faster
+    on the H200), on CPU they keep cc.optimize's passes; an explicit ``passes`` is taken as given."""
+    from cohere_compile.generate import _generate_passes
+
+    model = cc.optimize(_model(False, 2), passes=["swiglu"])
+    assert _generate_passes(model, None, on_cuda=False) == ("swiglu", "paged_attention")
+    assert _generate_passes(model, None, on_cuda=True) == ("swiglu", "qk_norm_rope", "paged_attention")
+    assert _generate_passes(model, ["swiglu"], on_cuda=True) == ("swiglu", "paged_attention")
+    assert _generate_passes(model, [], on_cuda=True) == ("paged_attention",)
+    with pytest.raises(ValueError, match="unknown pass"):
+        _generate_passes(model, ["rope"], on_cuda=True)
+
+
 def test_generate_on_int4_model_matches_its_eager_path():
     """Issue 5's int4 decode runs through the same paged cache and compiled step."""
     model = cc.optimize(_model(True, 2), quantize="int4", group_size=32)
