@@ -17,8 +17,9 @@ Peers, all in the same run:
 - ``ours_unmerged``: the same with ``merge_projections=False`` (not in the default peer list).
 - ``ours_no_swiglu``: the same without the swiglu pass in generate's graphs (only paged_attention),
   so Inductor can fuse silu(gate) * up into the down projection's GEMV (not in the default list).
-- ``ours_rope_write``: the default passes + qk_norm_rope, so each layer's RoPE (and QK norm) and
-  its k/v cache write are one kernel (``cohere::qk_norm_rope_kv_write``; not in the default list).
+- ``ours_rope_write``: swiglu + qk_norm_rope, so each layer's RoPE (and QK norm) and its k/v cache
+  write are one kernel (``cohere::qk_norm_rope_kv_write``). Since 2026-12-02 that is also
+  ``cc.generate``'s own CUDA default, so on the GPU it runs the same graphs as ``ours``.
 
 tokens/s = generated tokens / wall time of the whole call (prefill included), after a
 warm-up call. For ours we also report decode-only tokens/s (prefill excluded). The
