@@ -6,9 +6,10 @@ many tokens, so a chunk is all query (or all key) heads; a decode step has a han
 there chunks shrink (down to one head) until the launch has about two programs per SM (at
 batch 1 the step's 40 Aya heads run as 40 programs rather than one: a single program
 rotating every head of the token was slower on the H200 than the two Inductor kernels it
-replaced). RoPE pairs neighbouring
-elements ``(2i, 2i+1)`` (``repeat_interleave`` frequencies, not Llama's half split),
-so each element is combined with its partner at index ``d ^ 1``.
+replaced).
+
+RoPE pairs neighbouring elements ``(2i, 2i+1)`` (``repeat_interleave`` frequencies, not
+Llama's half split), so each element is combined with its partner at index ``d ^ 1``.
 
 Rounding follows the eager model: the normed head is rounded to the input dtype
 before it is upcast again for the rotation, and the result is rounded once.
