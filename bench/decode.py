@@ -59,11 +59,6 @@ OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": Tru
                 "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]}}
 
 
-def generate_variant(model, variant: str, prompts, new_tokens: int, **kwargs):
-    """``cc.generate`` as ``variant`` (of OUR_VARIANTS) runs it."""
-    return cc.generate(model, prompts, new_tokens, **OUR_VARIANTS[variant], **kwargs)
-
-
 def make_prompts(lengths, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(10, vocab - 10, (n,), generator=g) for n in lengths]
@@ -211,8 +206,8 @@ def main():
                     fn = lambda: outputs.__setitem__(peer, loop(prompts, args.new_tokens))  # noqa: E731
                 elif peer in OUR_VARIANTS:
                     stats = {}
-                    fn = lambda: outputs.__setitem__(peer, torch.tensor(generate_variant(  # noqa: E731
-                        model, peer, prompts, args.new_tokens, stop_tokens=(), stats=stats)))
+                    fn = lambda: outputs.__setitem__(peer, torch.tensor(cc.generate(  # noqa: E731
+                        model, prompts, args.new_tokens, stop_tokens=(), stats=stats, **OUR_VARIANTS[peer])))
                 else:
                     raise ValueError(f"unknown peer {peer}")
                 with torch.no_grad():

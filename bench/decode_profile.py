@@ -29,7 +29,7 @@ import torch
 
 import cohere_compile as cc
 from bench.common import SHAPES, build_model, cuda_graph_time_s, environment, kernel_summary, write_json
-from bench.decode import OUR_VARIANTS, generate_variant
+from bench.decode import OUR_VARIANTS
 
 # cc.generate variants -> its keyword arguments: bench/decode.py's, and int4 (quantized in prepared())
 GENERATE_VARIANTS = {**OUR_VARIANTS, "int4": {}}
@@ -71,9 +71,8 @@ def prepared(variant: str, model):
     """The model as the variant uses it, and a call producing ``n`` new tokens for ``prompt``."""
     if variant in GENERATE_VARIANTS:
         cc.optimize(model, quantize="int4" if variant == "int4" else None)
-        if variant == "int4":
-            return lambda prompt, n: cc.generate(model, [prompt], n, stop_tokens=())
-        return lambda prompt, n: generate_variant(model, variant, [prompt], n, stop_tokens=())
+        kwargs = GENERATE_VARIANTS[variant]
+        return lambda prompt, n: cc.generate(model, [prompt], n, stop_tokens=(), **kwargs)
     cc.optimize(model, paged_cache=variant == "hf_paged")
 
     def call(prompt, n):
