@@ -45,7 +45,7 @@ stage() {
     decode-b1-hf) python3 bench/decode.py --layers 32 --workloads b1 --peers hf_eager,hf_static,loop --tag _b1_hf ;;
     decode-ragged) python3 bench/decode.py --layers 32 --workloads ragged --peers loop,ours --tag _ragged ;;
     hf-generate) python3 bench/hf_generate.py --layers 32 --batch 1 --repeats 2 ;;
-    paged-kernel) python3 bench/paged_kernel.py ;;
+    paged-kernel) python3 bench/paged_kernel.py --name paged_kernel_sweep_in_launch_merge.json ;;  # 2026-12-02: merge in the launch
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
     prefill) python3 bench/prefill.py --try swiglu,attention ;;  # (--ablation: ~18 variants, B1 alone fills a call)
     prefill-plus-b1|prefill-plus-b4)  # does adding layer_norm, qk_norm_rope or merged projections to the default pay?
