@@ -76,6 +76,7 @@ def paged_decode_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_P2: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
@@ -153,26 +154,33 @@ def paged_decode_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu")
             if arrived == n_active - 1:
-                m_tot = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                l_tot = tl.zeros([BLOCK_G], tl.float32)
-                o_tot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-                for j in range(0, n_active):
-                    pj = (bh * BLOCK_G + g) * n_splits + j
+                # MERGE_S splits x the group's heads x D per load, so a few L2 round trips
+                # in all rather than one per split
+                gm = tl.arange(0, GROUP_P2)
+                gm_ok = gm < group
+                js = tl.arange(0, MERGE_S)
+                m_tot = tl.full([GROUP_P2], float("-inf"), tl.float32)
+                l_tot = tl.zeros([GROUP_P2], tl.float32)
+                o_tot = tl.zeros([GROUP_P2, BLOCK_D], tl.float32)
+                for j0 in range(0, n_active, MERGE_S):
+                    pj = (bh * BLOCK_G + gm[None, :]) * n_splits + (j0 + js)[:, None]  # (MERGE_S, GROUP_P2)
+                    ok = ((j0 + js) < n_active)[:, None] & gm_ok[None, :]
                     # .cg: read from L2, where the other programs' stores are, never a stale L1 line
-                    m_j = tl.load(part_ml_ptr + pj * 2, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-                    l_j = tl.load(part_ml_ptr + pj * 2 + 1, mask=g_ok, other=0.0, cache_modifier=".cg")
-                    o_j = tl.load(part_o_ptr + pj[:, None] * BLOCK_D + d[None, :], mask=g_ok[:, None],
+                    m_j = tl.load(part_ml_ptr + pj * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    l_j = tl.load(part_ml_ptr + pj * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                    o_j = tl.load(part_o_ptr + pj[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None],
                                   other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m_tot, m_j)
+                    m_new = tl.maximum(m_tot, tl.max(m_j, 0))
                     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                     w_old = tl.exp2(m_tot - m_safe)
-                    w_j = tl.exp2(m_j - m_safe)
-                    l_tot = l_tot * w_old + l_j * w_j
-                    o_tot = o_tot * w_old[:, None] + o_j * w_j[:, None]
+                    w_j = tl.exp2(m_j - m_safe[None, :])
+                    l_tot = l_tot * w_old + tl.sum(l_j * w_j, 0)
+                    o_tot = o_tot * w_old[:, None] + tl.sum(o_j * w_j[:, :, None], 0)
                     m_tot = m_new
                 # a head that saw no visible key (l = 0) gets zeros
                 o = tl.where(l_tot[:, None] > 0, o_tot / tl.where(l_tot > 0, l_tot, 1.0)[:, None], 0.0)
-                tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
+                tl.store(out_ptr + b * sob + (hk * group + gm)[:, None] * soh + d[None, :] * sod,
+                         o.to(out_ptr.dtype.element_ty), mask=gm_ok[:, None] & d_ok[None, :])
                 tl.store(arrivals_ptr + bh, 0)  # zero again for the next launch
 
 
@@ -251,6 +259,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale,
         D=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         UPCAST_DOT=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 in, fp32 exact (no TF32)
+        GROUP_P2=next_pow2(group), MERGE_S=max(2, min(next_pow2(n_splits), 32 // next_pow2(group))),  # <= 4K fp32 partials per load
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
