@@ -56,7 +56,10 @@ OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": Tru
                 "ours_combo": {"inductor_options": {"combo_kernels": True}},
                 "ours_unmerged": {"merge_projections": False},
                 "ours_no_swiglu": {"passes": []},
-                "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]}}
+                "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]},
+                # Programmatic Dependent Launch: each Inductor kernel's launch overlaps the tail of the
+                # kernel before it (Hopper); our own kernels launch as before
+                "ours_pdl": {"inductor_options": {"triton.enable_pdl": True}}}
 
 
 def make_prompts(lengths, vocab, seed=0):

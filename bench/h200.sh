@@ -45,7 +45,7 @@ stage() {
     decode-b1-hf) python3 bench/decode.py --layers 32 --workloads b1 --peers hf_eager,hf_static,loop --tag _b1_hf ;;
     decode-ragged) python3 bench/decode.py --layers 32 --workloads ragged --peers loop,ours --tag _ragged ;;
     hf-generate) python3 bench/hf_generate.py --layers 32 --batch 1 --repeats 2 ;;
-    paged-kernel) python3 bench/paged_kernel.py --name paged_kernel_sweep_in_launch_merge.json ;;  # 2026-12-02: merge in the launch
+    paged-kernel) python3 bench/paged_kernel.py ;;
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
     prefill) python3 bench/prefill.py --try swiglu,attention ;;  # (--ablation: ~18 variants, B1 alone fills a call)
     prefill-plus-b1|prefill-plus-b4)  # does adding layer_norm, qk_norm_rope or merged projections to the default pay?
@@ -59,6 +59,7 @@ stage() {
     decode-b1-rope) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_rope_write --tag _b1_rope ;;
     decode-ragged-rope) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rope_write \
                           --tag _ragged_rope ;;  # the fused rope + cache write, now with head-chunked launches
+    decode-b1-pdl) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_pdl --tag _b1_pdl ;;
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;
     tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \
                     tests/test_causal_attention.py tests/test_gpu.py -rfE ;;  # what 2026-12-02 touched

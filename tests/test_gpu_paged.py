@@ -46,14 +46,10 @@ def test_paged_ops_match_reference_on_cuda(dtype):
                                            tol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_paged_attention_in_launch_merge_is_race_free_on_cuda():
-    """The splits' merge happens in the launch, by whichever split arrives last: a missed
-    ordering between the splits would show as a wrong or a non-repeatable result. Aya's decode
-    shapes at batch 32 with ragged lengths (many splits each), 200 back-to-back launches, every
-    one bitwise equal to the first and that one close to the float64 reference; the shared
-    arrival counters are zero after."""
+def test_paged_attention_is_repeatable_at_aya_batch_32_on_cuda():
+    """Aya's decode shapes at batch 32 with ragged lengths (many splits each): close to the
+    float64 reference, and 200 back-to-back launches all bitwise equal to the first."""
     import cohere_compile  # noqa: F401
-    from cohere_compile.kernels.paged import reserve_arrival_counters
     from cohere_compile.ops import reference as R
 
     dev, bs, hkv, h, d, rows, max_blocks = "cuda", 256, 8, 32, 128, 32, 9
@@ -68,7 +64,6 @@ def test_paged_attention_in_launch_merge_is_race_free_on_cuda():
     assert _rel(first, ref) < 1e-2
     outs = [torch.ops.cohere.paged_attention(q, k_pool, v_pool, table, lens, None, d ** -0.5) for _ in range(200)]
     assert all(torch.equal(o, first) for o in outs)
-    assert not reserve_arrival_counters(dev, rows * hkv).any()
 
 
 @pytest.mark.parametrize("use_qk_norm,kv_heads", [(False, 2), (True, 4)])

@@ -41,43 +41,23 @@ def test_paged_attention_matches_reference(dtype, heads, kv_heads, mask_kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_kernel_merges_its_splits_in_the_same_launch(dtype):
-    """Many splits per sequence (one per 16-key tile): the last split to arrive merges them,
-    a sequence within one split writes its output directly, and the arrival counters are
-    zero again after every launch, so the next launch (other lengths) is right too. With 8
-    heads per KV head the last split merges 4 splits per load: 6 splits take two."""
+def test_paged_attention_kernel_merges_many_splits(dtype):
+    """One split per 16-key tile (up to 6 per sequence): the merge kernel combines them; a
+    sequence within one split, an idle row and a second launch with other lengths too."""
     from cohere_compile.kernels.paged import paged_decode_attention
 
     bs, d, hkv, heads, max_blocks = 16, 16, 2, 16, 6
     k_pool, v_pool = _pools(20, hkv, bs, d, dtype, seed=3)
     g = torch.Generator().manual_seed(4)
     table = torch.randperm(20, generator=g)[: 3 * max_blocks].view(3, max_blocks).int()
-    arrivals = torch.zeros(3 * hkv + 5, dtype=torch.int32)
-    for lens in ([96, 9, 53], [17, 0, 70]):  # full view, one split, mid-tile; two splits, idle, odd
+    for lens in ([96, 9, 53], [17, 0, 70]):
         lens = torch.tensor(lens, dtype=torch.int32)
         q = torch.randn(3, heads, 1, d, generator=g).to(dtype)
         out = paged_decode_attention(q, k_pool, v_pool, table, lens, None, 0.25, torch.empty_like(q),
-                                     block_n=16, target_programs=10_000, arrivals=arrivals)
+                                     block_n=16, target_programs=10_000)
         ref = reference.paged_attention(q.double(), k_pool.double(), v_pool.double(), table, lens, None, 0.25)
         assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
         assert torch.equal(out[1], torch.zeros_like(out[1])) == (int(lens[1]) == 0)
-        assert torch.equal(arrivals, torch.zeros_like(arrivals))
-
-
-def test_paged_attention_arrival_counters_are_checked_and_reserved():
-    from cohere_compile.kernels.paged import paged_decode_attention, reserve_arrival_counters
-
-    k_pool, v_pool = _pools(4, 2, 16, 8, torch.float32)
-    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-    lens = torch.tensor([20, 5], dtype=torch.int32)
-    q = torch.randn(2, 4, 1, 8)
-    with pytest.raises(ValueError, match="arrivals must be int32 with >= 4 entries"):
-        paged_decode_attention(q, k_pool, v_pool, table, lens, None, 1.0, torch.empty_like(q),
-                               arrivals=torch.zeros(3, dtype=torch.int32))
-    small = reserve_arrival_counters("cpu", 10)
-    assert reserve_arrival_counters("cpu", 10) is small  # reused while large enough
-    grown = reserve_arrival_counters("cpu", small.numel() + 1)
-    assert grown.numel() > small.numel() and not grown.any()
 
 
 def test_paged_attention_reference_is_plain_attention():

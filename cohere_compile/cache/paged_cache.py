@@ -28,8 +28,6 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..kernels.paged import reserve_arrival_counters
-
 
 class CacheCapacityError(RuntimeError):
     """The block pool has no room for the tokens a forward would add."""
@@ -152,8 +150,6 @@ class PagedKVCache(Cache):
         self._decode_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         torch._dynamo.mark_static_address(self._decode_slots)
         torch._dynamo.mark_static_address(self._decode_lens)
-        if device.type == "cuda":  # now, so that no CUDA graph capture has to allocate them
-            reserve_arrival_counters(device, max_batch_size * config.num_key_value_heads)
         self.host_managed = False
         self.reset()
 

@@ -6,15 +6,8 @@ logical block ``i`` (positions ``i*block_size ..``) to a pool block.
 
 Decode attention (one query token per sequence) is flash-decoding: program
 ``(b*Hkv + h, s)`` owns all ``G = H / Hkv`` query heads of KV head ``h`` (so each key
-is read once for its whole group) and the positions of split ``s``. The splits write
-partial softmax states, and the last split of a ``(b, h)`` to finish (an arrival counter)
-merges them in the same launch; a sequence that fits one split skips the partials.
-
-The arrival counters must be zero when a launch starts, and each launch leaves them zero.
-On CUDA they are one buffer per device (``reserve_arrival_counters``), made outside any
-CUDA-graph capture: ``PagedKVCache`` reserves them when it is built, so the decode graphs
-only ever use a buffer that already exists. Launches that share it must be stream-ordered
-(the decode step's are: one stream, one layer after another).
+is read once for its whole group) and the positions of split ``s``; a second kernel
+merges the splits' partial softmax states.
 """
 
 import torch
@@ -70,118 +63,101 @@ def paged_decode_kernel(
     kpool_ptr, vpool_ptr, spn, sph, sps,
     table_ptr, stb, lens_ptr,
     mask_ptr, smb, smh, smn, mask_floor,
-    part_o_ptr, part_ml_ptr, arrivals_ptr,
-    out_ptr, sob, soh, sod,
+    part_o_ptr, part_ml_ptr,
     n_kv_heads, group, n_splits, split_len, scale,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    GROUP_P2: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     b = bh // n_kv_heads
     hk = bh % n_kv_heads
     kv_len = tl.load(lens_ptr + b)
-    # splits that hold positions of this sequence; split 0 also serves an empty one (zeros)
-    n_active = tl.maximum(tl.cdiv(kv_len, split_len), 1)
-    if s < n_active:
-        start = s * split_len
-        end = tl.minimum(start + split_len, kv_len)
+    start = s * split_len
+    end = tl.minimum(start + split_len, kv_len)
 
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        g_ok = g < group
-        d_ok = d < D
-        heads = hk * group + g
-        q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + d[None, :] * sqd,
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < group
+    d_ok = d < D
+    heads = hk * group + g
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + d[None, :] * sqd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + n
+        ok = pos < end
+        page = tl.load(table_ptr + b * stb + n0 // BLOCK_SIZE).to(tl.int64)
+        base = page * spn + hk * sph + (pos % BLOCK_SIZE)[:, None] * sps + d[None, :]
+        kv_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(kpool_ptr + base, mask=kv_ok, other=0.0)
+        v = tl.load(vpool_ptr + base, mask=kv_ok, other=0.0)
         if UPCAST_DOT:
-            q = q.to(tl.float32)
-        qk_scale = scale * 1.4426950408889634
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = g_ok[:, None] & ok[None, :]
+        if HAS_MASK:
+            mv = tl.load(mask_ptr + b * smb + heads[:, None] * smh + pos[None, :] * smn,
+                         mask=visible, other=0)
+            if MASK_IS_BOOL:
+                visible = visible & (mv != 0)
+            else:
+                mf = mv.to(tl.float32)
+                visible = visible & (mf > mask_floor)
+                scores += tl.where(visible, mf, 0.0) * 1.4426950408889634
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # rows that have seen nothing visible yet keep m = -inf: use 0 as the shift then
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        n = tl.arange(0, BLOCK_N)
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + n
-            ok = pos < end
-            page = tl.load(table_ptr + b * stb + n0 // BLOCK_SIZE).to(tl.int64)
-            base = page * spn + hk * sph + (pos % BLOCK_SIZE)[:, None] * sps + d[None, :]
-            kv_ok = ok[:, None] & d_ok[None, :]
-            k = tl.load(kpool_ptr + base, mask=kv_ok, other=0.0)
-            v = tl.load(vpool_ptr + base, mask=kv_ok, other=0.0)
-            if UPCAST_DOT:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            visible = g_ok[:, None] & ok[None, :]
-            if HAS_MASK:
-                mv = tl.load(mask_ptr + b * smb + heads[:, None] * smh + pos[None, :] * smn,
-                             mask=visible, other=0)
-                if MASK_IS_BOOL:
-                    visible = visible & (mv != 0)
-                else:
-                    mf = mv.to(tl.float32)
-                    visible = visible & (mf > mask_floor)
-                    scores += tl.where(visible, mf, 0.0) * 1.4426950408889634
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            # rows that have seen nothing visible yet keep m = -inf: use 0 as the shift then
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    part = (bh * BLOCK_G + g) * n_splits + s
+    # only the group's real heads: BLOCK_G is at least 16 (the tensor-core tile), and with
+    # Aya's 4 heads per KV head the padding rows would be 3/4 of these fp32 writes
+    tl.store(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+    tl.store(part_ml_ptr + part * 2, m_i, mask=g_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_ok)
 
-        out_offs = b * sob + heads[:, None] * soh + d[None, :] * sod
-        out_ok = g_ok[:, None] & d_ok[None, :]
-        if n_active == 1:  # the whole sequence in this split: no partials, no merge
-            o = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-            tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=out_ok)
-        else:
-            part = (bh * BLOCK_G + g) * n_splits + s
-            # only the group's real heads: BLOCK_G is at least 16 (the tensor-core tile), and with
-            # Aya's 4 heads per KV head the padding rows would be 3/4 of these fp32 writes
-            tl.store(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
-            tl.store(part_ml_ptr + part * 2, m_i, mask=g_ok)
-            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_ok)
-            # The split that arrives last merges all of them (in this launch, so no merge
-            # kernel): the barrier orders every thread's partial stores before the counter's
-            # release; the acquire makes the other splits' partials visible to the last one.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_active - 1:
-                # MERGE_S splits x the group's heads x D per load, so a few L2 round trips
-                # in all rather than one per split
-                gm = tl.arange(0, GROUP_P2)
-                gm_ok = gm < group
-                js = tl.arange(0, MERGE_S)
-                m_tot = tl.full([GROUP_P2], float("-inf"), tl.float32)
-                l_tot = tl.zeros([GROUP_P2], tl.float32)
-                o_tot = tl.zeros([GROUP_P2, BLOCK_D], tl.float32)
-                for j0 in range(0, n_active, MERGE_S):
-                    pj = (bh * BLOCK_G + gm[None, :]) * n_splits + (j0 + js)[:, None]  # (MERGE_S, GROUP_P2)
-                    ok = ((j0 + js) < n_active)[:, None] & gm_ok[None, :]
-                    # .cg: read from L2, where the other programs' stores are, never a stale L1 line
-                    m_j = tl.load(part_ml_ptr + pj * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                    l_j = tl.load(part_ml_ptr + pj * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-                    o_j = tl.load(part_o_ptr + pj[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None],
-                                  other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m_tot, tl.max(m_j, 0))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    w_old = tl.exp2(m_tot - m_safe)
-                    w_j = tl.exp2(m_j - m_safe[None, :])
-                    l_tot = l_tot * w_old + tl.sum(l_j * w_j, 0)
-                    o_tot = o_tot * w_old[:, None] + tl.sum(o_j * w_j[:, :, None], 0)
-                    m_tot = m_new
-                # a head that saw no visible key (l = 0) gets zeros
-                o = tl.where(l_tot[:, None] > 0, o_tot / tl.where(l_tot > 0, l_tot, 1.0)[:, None], 0.0)
-                tl.store(out_ptr + b * sob + (hk * group + gm)[:, None] * soh + d[None, :] * sod,
-                         o.to(out_ptr.dtype.element_ty), mask=gm_ok[:, None] & d_ok[None, :])
-                tl.store(arrivals_ptr + bh, 0)  # zero again for the next launch
+
+@triton.jit
+def paged_merge_kernel(
+    part_o_ptr, part_ml_ptr, out_ptr, sob, soh, sod,
+    n_kv_heads, group, n_splits,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Combine the splits of one query head; a head that saw no visible key gets zeros."""
+    bh = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    b = bh // n_kv_heads
+    hk = bh % n_kv_heads
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < n_splits
+    part = (bh * BLOCK_G + g) * n_splits + s
+    m = tl.load(part_ml_ptr + part * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_safe)
+    l_tot = tl.sum(l * w, 0)
+    o = tl.load(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.sum(o * w[:, None], 0)
+    o = tl.where(l_tot > 0, o / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+    head = hk * group + g
+    tl.store(out_ptr + b * sob + head * soh + d * sod, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def _n_splits(batch_kv_heads: int, view_len: int, block_n: int, target_programs: int = 1024) -> int:
@@ -195,33 +171,10 @@ def _n_splits(batch_kv_heads: int, view_len: int, block_n: int, target_programs:
     return max(1, min(tiles, triton.cdiv(target_programs, batch_kv_heads)))
 
 
-_ARRIVALS: dict = {}  # device -> int32 zeros (see the module docstring)
-
-
-def reserve_arrival_counters(device, n: int) -> torch.Tensor:
-    """The zeroed arrival-counter buffer of ``device``, with room for ``n`` (sequence, KV head)
-    pairs; grown (a new zeroed buffer) when too small."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    buf = _ARRIVALS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"paged attention: no arrival counters for {n} (sequence, KV head) pairs on {device} while a CUDA "
-                "graph is being captured; build the PagedKVCache (or call the op once) before capturing")
-        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = buf
-    return buf
-
-
 def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale, out, *,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2, target_programs: int = 1024,
-                           arrivals: torch.Tensor | None = None):
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2, target_programs: int = 1024):
     """q: (B, H, 1, D) -> out (B, H, 1, D). Attends positions [0, kv_lens[b]) of each sequence.
-    ``arrivals``: zeroed int32 counters, at least B * Hkv, left zeroed (default: the device's
-    shared buffer on CUDA, a fresh one elsewhere). The other keyword knobs are for tuning sweeps
-    (bench/paged_kernel.py)."""
+    The keyword knobs are for tuning sweeps (bench/paged_kernel.py)."""
     b, h, _, d = q.shape
     _, hkv, block_size, _ = k_pool.shape
     group = h // hkv
@@ -236,12 +189,6 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale,
     block_d = next_pow2(d)
     part_o = torch.empty((b * hkv * block_g * n_splits, block_d), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((b * hkv * block_g * n_splits, 2), dtype=torch.float32, device=q.device)
-    if arrivals is None:
-        arrivals = (reserve_arrival_counters(q.device, b * hkv) if q.device.type == "cuda"
-                    else torch.zeros(b * hkv, dtype=torch.int32, device=q.device))
-    elif arrivals.dtype != torch.int32 or arrivals.numel() < b * hkv:
-        raise ValueError(f"paged attention: arrivals must be int32 with >= {b * hkv} entries, got "
-                         f"{arrivals.dtype} x {arrivals.numel()}")
     if mask is None:
         mask_args = (q, 0, 0, 0, 0.0)
     else:
@@ -252,14 +199,17 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale,
         k_pool, v_pool, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         block_table, block_table.stride(0), kv_lens,
         *mask_args,
-        part_o, part_ml, arrivals,
-        out, out.stride(0), out.stride(1), out.stride(3),
+        part_o, part_ml,
         hkv, group, n_splits, split_len, scale,
         HAS_MASK=mask is not None, MASK_IS_BOOL=mask is not None and mask.dtype == torch.bool,
         D=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         UPCAST_DOT=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 in, fp32 exact (no TF32)
-        GROUP_P2=next_pow2(group), MERGE_S=max(2, min(next_pow2(n_splits), 32 // next_pow2(group))),  # <= 4K fp32 partials per load
         num_warps=num_warps, num_stages=num_stages,
+    )
+    paged_merge_kernel[(b * hkv, group)](
+        part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(3),
+        hkv, group, n_splits,
+        D=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_S=next_pow2(n_splits),
     )
     return out
