@@ -60,6 +60,7 @@ stage() {
     decode-ragged-rope) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rope_write \
                           --tag _ragged_rope ;;  # the fused rope + cache write, now with head-chunked launches
     decode-b1-pdl) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_pdl --tag _b1_pdl ;;
+    tests-pdl) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k pdl -rfE ;;  # before PDL can be a default
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;
     tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \
                     tests/test_causal_attention.py tests/test_gpu.py -rfE ;;  # what 2026-12-02 touched

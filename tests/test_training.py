@@ -131,6 +131,8 @@ def test_regional_lora_fuses_the_loss_in_the_head_graph(checkpointing, compiled_
     assert len(calls) == 1  # the compiled step ran cohere::linear_cross_entropy
     model.train()
     assert model(input_ids=IDS, labels=IDS, use_cache=False).logits is None
+    if checkpointing:  # checkpointing only changes training; eval and generation are checked once (CI time)
+        return
     with torch.no_grad():  # eval and generation: the backbone-then-head call keeps the logits and the cache
         model.eval(), ref.eval()
         assert rel_err(model(input_ids=IDS).logits, ref(input_ids=IDS).logits) < 1e-4
