@@ -22,7 +22,7 @@ from cohere_compile.kernels.paged import paged_decode_attention
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="paged_kernel_sweep.json", help="JSON name under bench/results/")
-    name = ap.parse_args(argv).name
+    out_name = ap.parse_args(argv).name
     bandwidth = copy_bandwidth_gbs(torch.device("cuda"))
     workloads = {"b1": [640], "ragged32": [round(100 + i * 1900 / 31) + 64 for i in range(32)]}
     rows = []
@@ -45,7 +45,7 @@ def main(argv=None):
         default = [r for r in rows if r["workload"] == name and (r["block_n"], r["num_warps"], r["num_stages"],
                                                                    r["target_programs"]) == current]
         print(name, "default", default, "\nbest", *best, sep="\n  ")
-    write_json(name, {"env": environment(), "copy_bandwidth_gbs": bandwidth, "rows": rows})
+    write_json(out_name, {"env": environment(), "copy_bandwidth_gbs": bandwidth, "rows": rows})
 
 
 if __name__ == "__main__":
