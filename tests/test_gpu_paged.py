@@ -66,23 +66,28 @@ def test_paged_attention_is_repeatable_at_aya_batch_32_on_cuda():
     assert all(torch.equal(o, first) for o in outs)
 
 
-@pytest.mark.parametrize("use_qk_norm,kv_heads", [(False, 2), (True, 4)])
-def test_generate_matches_hf_greedy_on_cuda(use_qk_norm, kv_heads):
+def _hf_greedy_case(use_qk_norm, kv_heads, lengths, new_tokens, prompt_seed):
+    """A tiny fp32 Cohere model on CUDA (greedy ties stay rare), random prompts of ``lengths``
+    and HF's greedy continuation of each."""
     import transformers
-
-    import cohere_compile as cc
 
     cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=kv_heads, use_qk_norm=use_qk_norm,
                                     logit_scale=1.0, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
     torch.manual_seed(0)
-    model = transformers.CohereForCausalLM(cfg).cuda().eval()  # fp32: greedy ties stay rare
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (5, 70, 13, 300)]
-    refs = []
-    for p in prompts:
-        out = model.generate(p[None].cuda(), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
+    model = transformers.CohereForCausalLM(cfg).cuda().eval()
+    g = torch.Generator().manual_seed(prompt_seed)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+    refs = [model.generate(p[None].cuda(), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return model, prompts, refs
+
+
+@pytest.mark.parametrize("use_qk_norm,kv_heads", [(False, 2), (True, 4)])
+def test_generate_matches_hf_greedy_on_cuda(use_qk_norm, kv_heads):
+    import cohere_compile as cc
+
+    model, prompts, refs = _hf_greedy_case(use_qk_norm, kv_heads, (5, 70, 13, 300), 20, prompt_seed=1)
     stats = {}
     got = cc.generate(model, prompts, 20, stop_tokens=(), block_size=64, max_batch_size=3, stats=stats)
     assert got == refs
@@ -100,19 +105,9 @@ def test_generate_matches_hf_greedy_on_cuda(use_qk_norm, kv_heads):
 def test_generate_with_pdl_matches_hf_greedy_on_cuda():
     """Inductor's Programmatic Dependent Launch (opt-in through ``inductor_options``; 3.4% faster
     B1 decode steps on the H200): still HF's greedy tokens, prefill and CUDA-graph decode."""
-    import transformers
-
     import cohere_compile as cc
 
-    cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
-                                    logit_scale=1.0, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.CohereForCausalLM(cfg).cuda().eval()
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (9, 130, 40)]
-    refs = [model.generate(p[None].cuda(), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    model, prompts, refs = _hf_greedy_case(True, 2, (9, 130, 40), 24, prompt_seed=2)
     got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
                       inductor_options={"triton.enable_pdl": True})
     assert got == refs
