@@ -32,6 +32,14 @@ stage() {
                tests/test_gpu_paged.py tests/test_causal_attention.py -rfE ;;
     tests-b) python3 -m pytest -q -m gpu tests/test_gpu_quant.py tests/test_int4_triton.py tests/test_training.py \
                tests/test_generate_default_cache.py tests/test_merge_projections.py -rfE ;;
+    tests-generate) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_generate_default_cache.py \
+                      tests/test_merge_projections.py -rfE ;;  # cc.generate's CUDA defaults
+    tests-generate-alone)  # each of 2026-12-02's failing decode tests in a process of its own
+      for k in "pdl and False" "pdl and True" "bf16_decode"; do
+        python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -k "$k" -rfE -p no:logging
+      done ;;
+    generate-parity) python3 bench/generate_parity.py --repeats 2 --contention ;;  # which setting breaks the tokens
+    tests-c) python3 -m pytest -q -m gpu tests/test_gpu_backward.py tests/test_gpu_cross_entropy.py -rfE ;;
     train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
     train-profile) python3 bench/train.py --layers 32 --peers torch_compile cc cc_rewrites --profile \
                      --name train_profile_aya-8b_L32_B4x1024.json ;;  # where a step's time goes, per peer
@@ -59,8 +67,9 @@ stage() {
     decode-b1-rope) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_rope_write --tag _b1_rope ;;
     decode-ragged-rope) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rope_write \
                           --tag _ragged_rope ;;  # the fused rope + cache write, now with head-chunked launches
-    decode-b1-pdl) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_pdl --tag _b1_pdl ;;
-    tests-pdl) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k pdl -rfE ;;  # before PDL can be a default
+    decode-b1-pdl) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours,ours_no_pdl --tag _b1_pdl_default ;;
+    decode-ragged-pdl) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_no_pdl --tag _ragged_pdl_default ;;
+    tests-pdl) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k pdl -rfE ;;
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;
     tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \
                     tests/test_causal_attention.py tests/test_gpu.py -rfE ;;  # what 2026-12-02 touched

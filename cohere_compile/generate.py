@@ -92,6 +92,12 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # Decode-step Inductor defaults on CUDA: coordinate-descent tuning of the step's Triton
 # kernels measured 5.45 vs 5.92 ms per Aya-8B B1 step on the H200 (bench/results/decode_*_probe.json).
+# Not here: Inductor's Programmatic Dependent Launch ("triton.enable_pdl": each kernel starts
+# while the one before it drains). B1 decode steps were 1.2-3.4% faster with it on the H200
+# (decode_aya-8b_L32_b1_pdl{,_default}.json), but it stays opt-in (Inductor calls it
+# experimental) until an open GPU failure is understood: on 2026-12-02 two cc.generate GPU tests
+# (test_gpu_paged.py's PDL test with PDL off, test_merge_projections.py's bf16 decode) gave
+# tokens unlike their references from the first decode step, with PDL on and off alike.
 CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True}
 
 # Passes generate adds on CUDA to those cc.optimize chose, unless the caller picks its own:

@@ -102,12 +102,17 @@ def test_generate_matches_hf_greedy_on_cuda(use_qk_norm, kv_heads):
     assert any(r.get("rope_kv_write") == 2 and r["paged_attention"] == 2 for r in rewrites), rewrites
 
 
-def test_generate_with_pdl_matches_hf_greedy_on_cuda():
-    """Inductor's Programmatic Dependent Launch (opt-in through ``inductor_options``; 3.4% faster
-    B1 decode steps on the H200): still HF's greedy tokens, prefill and CUDA-graph decode."""
+@pytest.mark.parametrize("pdl", [False, True])
+def test_generate_with_and_without_pdl_matches_hf_greedy_on_cuda(pdl):
+    """Inductor's Programmatic Dependent Launch (opt-in through ``inductor_options``; 1-3% faster
+    B1 decode steps on the H200) and without it, on a batch where a third prompt joins a
+    two-row cache. Open (2026-12-02): PDL on passed twice; PDL on (as the default then) and PDL
+    off each failed once, their tokens unlike HF's from the first decode step."""
     import cohere_compile as cc
+    from cohere_compile.generate import CUDA_DECODE_INDUCTOR
 
+    assert "triton.enable_pdl" not in CUDA_DECODE_INDUCTOR
     model, prompts, refs = _hf_greedy_case(True, 2, (9, 130, 40), 24, prompt_seed=2)
     got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
-                      inductor_options={"triton.enable_pdl": True})
+                      inductor_options={"triton.enable_pdl": pdl})
     assert got == refs

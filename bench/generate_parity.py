@@ -1,0 +1,113 @@
+"""Which part of cc.generate's CUDA path changes greedy tokens? A bisection probe, one process.
+
+On 2026-12-02 two GPU tests of cc.generate (test_gpu_paged.py's PDL test with PDL off, and
+test_merge_projections.py's bf16 decode) gave tokens unlike their references from the first
+decode step, while the same tests (or the same code) had passed in other runs. This runs the
+first test's case (a tiny fp32 model, three prompts through a two-row cache, so one joins late)
+under each setting that could matter, each ``--repeats`` times, against HF's greedy tokens, with
+and without a side stream keeping the GPU busy (``--contention``: makes host/device races
+likelier), and writes which settings match.
+
+    python bench/generate_parity.py [--repeats 3] [--contention] [--name generate_parity.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+import torch
+import transformers
+
+import cohere_compile as cc
+from bench.common import environment, write_json
+
+VARIANTS = {  # name -> cc.generate keyword arguments
+    "default": {},
+    "eager": {"compiled": False},
+    "no_cuda_graphs": {"cuda_graphs": False},
+    "unmerged": {"merge_projections": False},
+    "no_extra_passes": {"passes": []},
+    "no_coordinate_descent": {"inductor_options": {"coordinate_descent_tuning": False}},
+    "pdl": {"inductor_options": {"triton.enable_pdl": True}},
+}
+
+
+def hf_case(device, lengths=(9, 130, 40), new_tokens=24, prompt_seed=2):
+    """The PDL test's case (tests/test_gpu_paged.py::_hf_greedy_case with qk-norm, 2 KV heads)."""
+    cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
+                                    logit_scale=1.0, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.CohereForCausalLM(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(prompt_seed)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+    refs = [model.generate(p[None].to(device), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return model, prompts, refs
+
+
+class Contention:
+    """Large matmuls on a side stream from a thread, for as long as the context is open."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+
+    def _run(self):
+        stream = torch.cuda.Stream()
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        with torch.cuda.stream(stream):
+            while not self.stop.is_set():
+                for _ in range(8):
+                    a @ a
+                stream.synchronize()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def first_difference(got, refs):
+    """Per prompt: the index of the first token unlike HF's, or None."""
+    return [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), None if len(g) == len(r) else min(len(g), len(r)))
+            for g, r in zip(got, refs)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--contention", action="store_true", help="also run every variant with the GPU kept busy")
+    ap.add_argument("--name", default="generate_parity.json")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (no contention)")
+    args = ap.parse_args()
+    model, prompts, refs = hf_case(torch.device(args.device))
+    results = {"env": environment() if args.device == "cuda" else {"device": args.device}, "args": vars(args), "runs": []}
+    for busy in ([False, True] if args.contention else [False]):
+        for name in args.variants.split(","):
+            for repeat in range(args.repeats):
+                model.__dict__.pop("_cohere_generate_fns", None)  # compile afresh for each run
+                try:
+                    if busy:
+                        with Contention():
+                            got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
+                                              **VARIANTS[name])
+                    else:
+                        got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
+                                          **VARIANTS[name])
+                    row = {"variant": name, "contention": busy, "repeat": repeat, "matches_hf": got == refs,
+                           "first_difference": first_difference(got, refs)}
+                except Exception as e:  # a variant that fails is reported, not fatal
+                    row = {"variant": name, "contention": busy, "repeat": repeat, "error": f"{type(e).__name__}: {e}"[:300]}
+                results["runs"].append(row)
+                write_json(args.name, results)  # after every run: a cut-off call keeps what it has
+                print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
