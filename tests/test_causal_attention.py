@@ -114,6 +114,7 @@ def test_unmasked_prompt_takes_the_causal_route_and_matches_eager(kv_heads, dyna
     assert [r["attention"] for r in rewrites] == ([] if dynamic else [2])  # (dynamic: compiled at 7)
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_padding_and_cache_prefix_keep_the_masked_kernel(routes):
     ref, model = make_model(tiny_config(False, 2)), make_model(tiny_config(False, 2))
     cc.optimize(model, passes=["attention"])

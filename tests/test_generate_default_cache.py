@@ -54,6 +54,7 @@ def _inputs(batch):
     return dict(input_ids=ids, attention_mask=mask)
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_optimized_generate_uses_paged_cache_and_matches_eager(built):
     """Compiled: batch 1, then a left-padded batch of 2 (one compiled model, two calls)."""
     ref, model = make_model(_config()), cc.optimize(make_model(_config()), paged_cache=True)

@@ -223,9 +223,10 @@ def test_bf16_model_swaps_every_linear_and_stays_within_4bit_error():
     assert 0.02 < err < 0.3, err  # 4-bit weights, groups of 32 (weight error ~0.1)
 
 
-def test_optimize_triton_int4_rewrites_matches_and_generates():
-    """fp32, compiled: exact rewrite counts, logits as the dequantized model, cc.generate compiled
-    gives the tokens of the eager path, which are those of the dequantized model's HF generate."""
+def test_optimize_triton_int4_rewrites_matches_and_generates(monkeypatch):
+    """fp32, compiled: exact rewrite counts, logits as the dequantized model (the kernel through
+    the interpreter), cc.generate compiled gives the tokens of the eager path, which are those of
+    the dequantized model's HF generate (the op's torch path: see conftest's ops_torch_path)."""
     cfg = tiny_config(False, 2)
     model = make_model(cfg)
     ids, am = padded_inputs(seq=7)
@@ -239,6 +240,7 @@ def test_optimize_triton_int4_rewrites_matches_and_generates():
     assert explanation.matches == FULL, str(explanation)
     assert explanation.graph_breaks == 0, explanation.break_reasons
 
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     prompts = [[5, 9, 33, 7], [11, 3, 60]]
     eager = cc.generate(model, prompts, 6, stop_tokens=(), compiled=False)
     assert cc.generate(model, prompts, 6, stop_tokens=()) == eager

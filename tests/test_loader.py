@@ -196,6 +196,7 @@ def test_rope_extension_matches_hf_reference(tmp_path, kind, max_seq_length, rop
     assert rel_err(out[:, 16:], unscaled[:, 16:]) > 3e-4
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_max_seq_length_is_a_limit_with_a_clear_error(tmp_path):
     """Past ``max_seq_length`` the forward (eager and compiled, prompt plus a DynamicCache's
     contents) and cc.generate (before running) raise; up to it they run, also past the

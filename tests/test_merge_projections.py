@@ -137,6 +137,7 @@ def test_colocating_keeps_the_model_and_its_checkpoint(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in loaded.named_parameters())
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_generate_with_merged_projections_matches_eager_and_survives_moved_weights():
     ref, model = make_model(_config()), cc.optimize(make_model(_config()))
     params_before = dict(model.named_parameters())
@@ -157,6 +158,7 @@ def test_generate_with_merged_projections_matches_eager_and_survives_moved_weigh
     assert all_colocated(model)
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_merged_projections_feed_every_other_pass():
     """With every pass on, the ops downstream of the merge (QK norm + RoPE, attention, SwiGLU)
     read slices of the merged output: still the eager tokens, every rewrite still there."""

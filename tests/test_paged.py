@@ -251,6 +251,7 @@ def test_generate_stop_tokens_and_sampling():
     assert a == b and a != refs
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_generate_rejects_bad_requests_before_running():
     model = _model(False, 2)
     cache = cc.PagedKVCache(model.config, max_batch_size=2, max_tokens=32, block_size=4, device="cpu",
@@ -272,10 +273,13 @@ def test_generate_rejects_bad_requests_before_running():
     assert cc.generate(regional, [[5, 6]], 2, compiled=False, stop_tokens=()) == [_hf_greedy(regional, torch.tensor([5, 6]), 2)]
 
 
-@pytest.mark.parametrize("use_qk_norm,kv_heads,attn", [(True, 2, "sdpa"), (False, 4, "eager")])
-def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn):
+@pytest.mark.parametrize("use_qk_norm,kv_heads,attn,interpreted", [(True, 2, "sdpa", True), (False, 4, "eager", False)])
+def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn, interpreted, monkeypatch):
     """The compiled decode step: paged_attention rewrites every layer, no graph break, and
-    greedy tokens still match HF's."""
+    greedy tokens still match HF's. The GQA case runs the kernels through the interpreter, the
+    MHA case the ops' torch path (conftest's ops_torch_path)."""
+    if not interpreted:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = _model(use_qk_norm, kv_heads, attn)
     prompts = _prompts([7, 4, 10])
     refs = [_hf_greedy(model, p, 6) for p in prompts]
@@ -294,6 +298,7 @@ def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn):
     assert rep.graph_breaks == 0 and "paged_attention" not in rep.missing
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_generate_passes_choose_its_graphs_and_rope_fuses_into_the_cache_write():
     """``passes`` replaces cc.optimize's choice for generate's own graphs (paged_attention stays).
     With qk_norm_rope on, each layer's QK-norm + RoPE and the k/v cache write become one op
@@ -325,6 +330,7 @@ def test_generate_adds_the_fused_rope_write_only_on_cuda_and_only_by_default():
         _generate_passes(model, ["rope"], on_cuda=True)
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_generate_on_int4_model_matches_its_eager_path():
     """Issue 5's int4 decode runs through the same paged cache and compiled step."""
     model = cc.optimize(_model(True, 2), quantize="int4", group_size=32)

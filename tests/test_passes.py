@@ -214,6 +214,7 @@ def test_float64_model_is_rejected():
         cc.optimize(model)
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_greedy_generate_matches_eager():
     model = make_model(tiny_config(True, 2), torch.float32, seed=7)
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(5))

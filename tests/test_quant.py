@@ -197,6 +197,7 @@ def test_gemlite_int4_kernel_refuses_what_it_cannot_run(monkeypatch):
         cc.optimize(model, int4_kernel="gemlite")
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_compiled_qlora_training_step_matches_eager():
     """cc.optimize on a QLoRA model (NF4 base, peft LoRA): loss and adapter gradients as eager, base
     weights frozen. (Gradient checkpointing off here only to halve the CPU compile time; with it on

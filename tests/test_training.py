@@ -173,6 +173,7 @@ def saved_activation_bytes(model, ids) -> tuple[int, torch.Tensor, dict]:
     return sum(saved.values()), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_activation_memory_budget_recomputes_casts_instead_of_saving_them():
     """bf16 LoRA (peft keeps the adapters in fp32, so each adapter input is an fp32 copy):
     PyTorch's partitioner saves those fp32 copies; with a budget of 0.6 it recomputes them in
@@ -209,6 +210,7 @@ def test_regional_twice_is_an_error_and_explain_says_why_it_cannot_report():
 @pytest.mark.parametrize("order,regional", [
     ("peft_then_optimize", True), ("optimize_then_peft", True), ("optimize_then_peft", False),
 ])
+@pytest.mark.usefixtures("ops_torch_path")
 def test_peft_lora_training_matches_eager(order, regional, compiled_graphs):
     ref = lora(base())
     if order == "peft_then_optimize":
@@ -245,6 +247,7 @@ def test_peft_lora_forward_rewrites_every_layer_with_dropout(compiled_graphs):
                            "swiglu": 2, "layer_norm": 3, "linear_cross_entropy": 0}
 
 
+@pytest.mark.usefixtures("ops_torch_path")
 def test_lora_dropout_training_matches_eager_with_same_rng(compiled_graphs):
     """LoRA dropout > 0 in a real training step (regional): with ``fallback_random``
     Inductor draws dropout masks from the eager RNG, so loss and gradients compare exactly."""
