@@ -91,7 +91,10 @@ def main():
     for busy in ([False, True] if args.contention else [False]):
         for name in args.variants.split(","):
             for repeat in range(args.repeats):
-                model.__dict__.pop("_cohere_generate_fns", None)  # compile afresh for each run
+                # compile afresh for each run (and stay under Dynamo's recompile limit, past which
+                # it would quietly run the forward eagerly)
+                model.__dict__.pop("_cohere_generate_fns", None)
+                torch._dynamo.reset()
                 try:
                     if busy:
                         with Contention():
