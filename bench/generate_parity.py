@@ -14,6 +14,7 @@ likelier), and writes which settings match.
 from __future__ import annotations
 
 import argparse
+import itertools
 import threading
 
 import torch
@@ -30,13 +31,24 @@ VARIANTS = {  # name -> cc.generate keyword arguments
     "no_extra_passes": {"passes": []},
     "no_coordinate_descent": {"inductor_options": {"coordinate_descent_tuning": False}},
     "pdl": {"inductor_options": {"triton.enable_pdl": True}},
+    # cc.optimize's default passes only: no qk_norm_rope (so no fused RoPE + cache write) on CUDA
+    "no_qk_norm_rope": {"passes": ["causal_attention", "swiglu"]},
+    # the PDL test passed twice with PDL in inductor_options (which reach the prefill graph too) and
+    # failed with it off there (explicitly, or as then generate's decode-only default)
+    "pdl_off": {"inductor_options": {"triton.enable_pdl": False}},
 }
 
 
-def hf_case(device, lengths=(9, 130, 40), new_tokens=24, prompt_seed=2):
-    """The PDL test's case (tests/test_gpu_paged.py::_hf_greedy_case with qk-norm, 2 KV heads)."""
+# Both failing tests (and no passing one) had QK norm with GQA; the passing greedy tests had QK
+# norm with MHA, or GQA without QK norm: the other two cases are the controls.
+CASES = {"qknorm_gqa": (True, 2), "qknorm_mha": (True, 4), "gqa": (False, 2)}
+
+
+def hf_case(device, case="qknorm_gqa", lengths=(9, 130, 40), new_tokens=24, prompt_seed=2):
+    """The PDL test's case (tests/test_gpu_paged.py::_hf_greedy_case; ``case`` picks QK norm and KV heads)."""
+    use_qk_norm, kv_heads = CASES[case]
     cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
+                                    num_attention_heads=4, num_key_value_heads=kv_heads, use_qk_norm=use_qk_norm,
                                     logit_scale=1.0, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
     torch.manual_seed(0)
     model = transformers.CohereForCausalLM(cfg).to(device).eval()
@@ -82,13 +94,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--contention", action="store_true", help="also run every variant with the GPU kept busy")
     ap.add_argument("--name", default="generate_parity.json")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (no contention)")
     args = ap.parse_args()
-    model, prompts, refs = hf_case(torch.device(args.device))
     results = {"env": environment() if args.device == "cuda" else {"device": args.device}, "args": vars(args), "runs": []}
-    for busy in ([False, True] if args.contention else [False]):
+    for case, busy in itertools.product(args.cases.split(","), [False, True] if args.contention else [False]):
+        model, prompts, refs = hf_case(torch.device(args.device), case)
         for name in args.variants.split(","):
             for repeat in range(args.repeats):
                 # compile afresh for each run (and stay under Dynamo's recompile limit, past which
@@ -103,10 +116,10 @@ def main():
                     else:
                         got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
                                           **VARIANTS[name])
-                    row = {"variant": name, "contention": busy, "repeat": repeat, "matches_hf": got == refs,
+                    row = {"case": case, "variant": name, "contention": busy, "repeat": repeat, "matches_hf": got == refs,
                            "first_difference": first_difference(got, refs)}
                 except Exception as e:  # a variant that fails is reported, not fatal
-                    row = {"variant": name, "contention": busy, "repeat": repeat, "error": f"{type(e).__name__}: {e}"[:300]}
+                    row = {"case": case, "variant": name, "contention": busy, "repeat": repeat, "error": f"{type(e).__name__}: {e}"[:300]}
                 results["runs"].append(row)
                 write_json(args.name, results)  # after every run: a cut-off call keeps what it has
                 print(row, flush=True)

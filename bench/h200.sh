@@ -38,7 +38,8 @@ stage() {
       for k in "pdl and False" "pdl and True" "bf16_decode"; do
         python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -k "$k" -rfE -p no:logging
       done ;;
-    generate-parity) python3 bench/generate_parity.py --repeats 2 --contention ;;  # which setting breaks the tokens
+    generate-parity) python3 bench/generate_parity.py --repeats 1 ;;  # which setting / case breaks the tokens (~6 min?)
+    generate-parity-busy) python3 bench/generate_parity.py --repeats 1 --cases qknorm_gqa --contention ;;
     tests-c) python3 -m pytest -q -m gpu tests/test_gpu_backward.py tests/test_gpu_cross_entropy.py -rfE ;;
     train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
     train-profile) python3 bench/train.py --layers 32 --peers torch_compile cc cc_rewrites --profile \
