@@ -11,6 +11,7 @@ CUDA, replayed as a CUDA graph.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
@@ -108,6 +109,19 @@ CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True}
 CUDA_GENERATE_PASSES = ("qk_norm_rope",)
 
 
+def warn_if_unverified_on_cuda(config, on_cuda: bool) -> None:
+    """Say so where the compiled CUDA path is not known to be right: QK norm with GQA (Command R+)
+    failed two GPU parity tests on 2026-12-02, not yet diagnosed (README, "Open" under Decoding)."""
+    gqa = config.num_key_value_heads < config.num_attention_heads
+    if on_cuda and getattr(config, "use_qk_norm", False) and gqa:
+        warnings.warn(
+            "cc.generate: compiled decoding on CUDA for models with QK norm and grouped KV heads (e.g. Command R+) "
+            "gave tokens unlike Hugging Face's in two GPU tests that are not yet diagnosed; check the output "
+            "against compiled=False before relying on it (see the README's open problem under Decoding).",
+            stacklevel=3,
+        )
+
+
 def _generate_passes(model, passes: Sequence[str] | None, on_cuda: bool) -> tuple[str, ...]:
     """The passes of generate's own graphs: ``passes`` if given, else cc.optimize's (plus
     CUDA_GENERATE_PASSES on CUDA); paged_attention always."""
@@ -136,6 +150,7 @@ def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: 
             "whole-model step. Use cc.optimize(model) without regional=True for inference, or pass compiled=False."
         )
     on_cuda = cache.device.type == "cuda"
+    warn_if_unverified_on_cuda(hf_model.config, on_cuda)
     passes = _generate_passes(model, passes, on_cuda)
     cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
     user = {**options_of(model).inductor, **(inductor_options or {})}

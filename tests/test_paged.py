@@ -316,6 +316,21 @@ def test_generate_passes_choose_its_graphs_and_rope_fuses_into_the_cache_write()
     assert tokens == [_hf_greedy(model, p, 3) for p in prompts]
 
 
+def test_generate_warns_only_where_its_cuda_path_is_unverified():
+    """QK norm + GQA on CUDA (two GPU parity failures, 2026-12-02, open) warns; other layouts,
+    and every layout on CPU, do not."""
+    import warnings
+
+    from cohere_compile.generate import warn_if_unverified_on_cuda
+
+    with pytest.warns(UserWarning, match="QK norm and grouped KV heads"):
+        warn_if_unverified_on_cuda(tiny_config(True, 2), on_cuda=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for cfg, on_cuda in ((tiny_config(True, 4), True), (tiny_config(False, 2), True), (tiny_config(True, 2), False)):
+            warn_if_unverified_on_cuda(cfg, on_cuda)
+
+
 def test_generate_adds_the_fused_rope_write_only_on_cuda_and_only_by_default():
     """On CUDA generate's graphs also get qk_norm_rope (so rope_kv_write fuses; measured faster
     on the H200), on CPU they keep cc.optimize's passes; an explicit ``passes`` is taken as given."""
