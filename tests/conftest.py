@@ -25,9 +25,11 @@ def ops_torch_path(monkeypatch):
     """The test's ``cohere::`` ops take their plain-torch path (what CPU users run) instead of
     running their Triton kernels through the interpreter, which runs each kernel launch in
     Python (one int4 test's eager generate of 6 tokens took 18.7 s interpreted, 0.08 s without).
-    Only for end-to-end tests whose subject is a pass, generate, the cache or training plumbing: every kernel is checked against its reference through the interpreter in its own
-    tests (test_kernels.py, test_paged.py, test_int4_triton.py, ...), end to end in the passes'
-    and backward tests (test_passes.py, test_backward.py) and on the GPU (``pytest -m gpu``)."""
+    Only for end-to-end tests whose subject is a pass, generate, the cache or training plumbing:
+    every kernel is checked against its reference through the interpreter in its own tests
+    (test_kernels.py, test_paged.py, test_int4_triton.py, ...), end to end in the passes' and
+    backward tests (test_passes.py, test_backward.py, and test_paged.py's compiled-decode and
+    fused RoPE + cache-write tests) and on the GPU (``pytest -m gpu``)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 

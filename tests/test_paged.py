@@ -298,8 +298,7 @@ def test_compiled_decode_uses_paged_attention(use_qk_norm, kv_heads, attn, inter
     assert rep.graph_breaks == 0 and "paged_attention" not in rep.missing
 
 
-@pytest.mark.usefixtures("ops_torch_path")
-def test_generate_passes_choose_its_graphs_and_rope_fuses_into_the_cache_write():
+def test_generate_passes_choose_its_graphs_and_rope_fuses_into_the_cache_write():  # interpreted: the fused kernel end to end
     """``passes`` replaces cc.optimize's choice for generate's own graphs (paged_attention stays).
     With qk_norm_rope on, each layer's QK-norm + RoPE and the k/v cache write become one op
     (``qk_norm_rope_kv_write``) in the decode graph (in the dynamic prefill graph only where eps
