@@ -58,8 +58,9 @@ OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": Tru
                 "ours_no_swiglu": {"passes": []},
                 "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]},
                 # Programmatic Dependent Launch: each Inductor kernel's launch overlaps the tail of the
-                # kernel before it (Hopper); our own kernels launch as before. The default on CUDA
-                # since 2026-12-02, so "ours_pdl" is "ours" now; "ours_no_pdl" opts out
+                # kernel before it (Hopper); our own kernels launch as before. Opt-in; "ours_no_pdl"
+                # equals "ours" again (it opted out while PDL was briefly the default, 2026-12-02:
+                # decode_aya-8b_L32_b1_pdl_default.json)
                 "ours_pdl": {"inductor_options": {"triton.enable_pdl": True}},
                 "ours_no_pdl": {"inductor_options": {"triton.enable_pdl": False}}}
 

@@ -3,25 +3,26 @@
 On 2026-12-02 two GPU tests of cc.generate (test_gpu_paged.py's PDL test with PDL off, and
 test_merge_projections.py's bf16 decode) gave tokens unlike their references from the first
 decode step, while the same tests (or the same code) had passed in other runs. This runs the
-first test's case (a tiny fp32 model, three prompts through a two-row cache, so one joins late)
-under each setting that could matter, each ``--repeats`` times, against HF's greedy tokens, with
+first test's case (a tiny fp32 model, three prompts through a two-row cache, so one joins late;
+built by that test's own helper), and two control layouts (``--cases``), under each setting that could matter, each ``--repeats`` times, against HF's greedy tokens, with
 and without a side stream keeping the GPU busy (``--contention``: makes host/device races
 likelier), and writes which settings match.
 
-    python bench/generate_parity.py [--repeats 3] [--contention] [--name generate_parity.json]
+    python bench/generate_parity.py [--repeats 3] [--cases qknorm_gqa,...] [--contention] [--name generate_parity.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import threading
 
 import torch
-import transformers
 
 import cohere_compile as cc
 from bench.common import environment, write_json
+from tests.test_gpu_paged import _hf_greedy_case
 
 VARIANTS = {  # name -> cc.generate keyword arguments
     "default": {},
@@ -42,21 +43,13 @@ VARIANTS = {  # name -> cc.generate keyword arguments
 # Both failing tests (and no passing one) had QK norm with GQA; the passing greedy tests had QK
 # norm with MHA, or GQA without QK norm: the other two cases are the controls.
 CASES = {"qknorm_gqa": (True, 2), "qknorm_mha": (True, 4), "gqa": (False, 2)}
+NEW_TOKENS = 24
 
 
-def hf_case(device, case="qknorm_gqa", lengths=(9, 130, 40), new_tokens=24, prompt_seed=2):
-    """The PDL test's case (tests/test_gpu_paged.py::_hf_greedy_case; ``case`` picks QK norm and KV heads)."""
+def hf_case(device, case="qknorm_gqa"):
+    """The PDL test's prompts and HF references (``case`` picks QK norm and KV heads)."""
     use_qk_norm, kv_heads = CASES[case]
-    cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=kv_heads, use_qk_norm=use_qk_norm,
-                                    logit_scale=1.0, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.CohereForCausalLM(cfg).to(device).eval()
-    g = torch.Generator().manual_seed(prompt_seed)
-    prompts = [torch.randint(3, 128, (n,), generator=g) for n in lengths]
-    refs = [model.generate(p[None].to(device), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    return model, prompts, refs
+    return _hf_greedy_case(use_qk_norm, kv_heads, (9, 130, 40), NEW_TOKENS, prompt_seed=2, device=device)
 
 
 class Contention:
@@ -108,18 +101,14 @@ def main():
                 # it would quietly run the forward eagerly)
                 model.__dict__.pop("_cohere_generate_fns", None)
                 torch._dynamo.reset()
+                row = {"case": case, "variant": name, "contention": busy, "repeat": repeat}
                 try:
-                    if busy:
-                        with Contention():
-                            got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
-                                              **VARIANTS[name])
-                    else:
-                        got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
+                    with Contention() if busy else contextlib.nullcontext():
+                        got = cc.generate(model, prompts, NEW_TOKENS, stop_tokens=(), block_size=64, max_batch_size=2,
                                           **VARIANTS[name])
-                    row = {"case": case, "variant": name, "contention": busy, "repeat": repeat, "matches_hf": got == refs,
-                           "first_difference": first_difference(got, refs)}
+                    row.update(matches_hf=got == refs, first_difference=first_difference(got, refs))
                 except Exception as e:  # a variant that fails is reported, not fatal
-                    row = {"case": case, "variant": name, "contention": busy, "repeat": repeat, "error": f"{type(e).__name__}: {e}"[:300]}
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
                 results["runs"].append(row)
                 write_json(args.name, results)  # after every run: a cut-off call keeps what it has
                 print(row, flush=True)

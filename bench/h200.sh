@@ -68,8 +68,8 @@ stage() {
     decode-b1-rope) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_rope_write --tag _b1_rope ;;
     decode-ragged-rope) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rope_write \
                           --tag _ragged_rope ;;  # the fused rope + cache write, now with head-chunked launches
-    decode-b1-pdl) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours,ours_no_pdl --tag _b1_pdl_default ;;
-    decode-ragged-pdl) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_no_pdl --tag _ragged_pdl_default ;;
+    decode-b1-pdl) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours,ours_pdl --tag _b1_pdl_optin ;;
+    decode-ragged-pdl) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_pdl --tag _ragged_pdl_optin ;;
     tests-pdl) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k pdl -rfE ;;
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;
     tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \
