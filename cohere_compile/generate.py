@@ -111,12 +111,13 @@ CUDA_GENERATE_PASSES = ("qk_norm_rope",)
 
 def warn_if_unverified_on_cuda(config, on_cuda: bool) -> None:
     """Say so where the compiled CUDA path is not known to be right: QK norm with GQA (Command R+)
-    failed two GPU parity tests on 2026-12-02, not yet diagnosed (README, "Open" under Decoding)."""
+    failed two GPU parity tests in two runs on 2026-12-02 and passed every re-run since; until the
+    cause is found it stays unverified (README, "Open" under Decoding)."""
     gqa = config.num_key_value_heads < config.num_attention_heads
     if on_cuda and getattr(config, "use_qk_norm", False) and gqa:
         warnings.warn(
             "cc.generate: compiled decoding on CUDA for models with QK norm and grouped KV heads (e.g. Command R+) "
-            "gave tokens unlike Hugging Face's in two GPU tests that are not yet diagnosed; check the output "
+            "gave tokens unlike Hugging Face's in two GPU test runs (intermittent, not yet diagnosed); check the output "
             "against compiled=False before relying on it (see the README's open problem under Decoding).",
             stacklevel=3,
         )
