@@ -107,7 +107,8 @@ def test_generate_with_and_without_pdl_matches_hf_greedy_on_cuda(pdl):
     """Inductor's Programmatic Dependent Launch (opt-in through ``inductor_options``; 1-3% faster
     B1 decode steps on the H200) and without it, on a batch where a third prompt joins a
     two-row cache. Open (2026-12-02): PDL on passed twice; PDL on (as the default then) and PDL
-    off each failed once, their tokens unlike HF's from the first decode step."""
+    off each failed once, their tokens unlike HF's from the first decode step; every re-run on a
+    later lease passed (bench/results/logs/generate_gpu_rerun_2026-12-02b.log)."""
     import cohere_compile as cc
     from cohere_compile.generate import CUDA_DECODE_INDUCTOR
 
