@@ -8,7 +8,8 @@ built by that test's own helper), and two control layouts (``--cases``), under e
 and without a side stream keeping the GPU busy (``--contention``: makes host/device races
 likelier), and writes which settings match.
 
-    python bench/generate_parity.py [--repeats 3] [--cases qknorm_gqa,...] [--contention] [--name generate_parity.json]
+    python bench/generate_parity.py [--repeats 3] [--cases qknorm_gqa,...] [--variants default,...]
+        [--contention [--only-busy]] [--name generate_parity.json]
 """
 
 from __future__ import annotations
@@ -83,17 +84,24 @@ def first_difference(got, refs):
             for g, r in zip(got, refs)]
 
 
+def busy_settings(args) -> list[bool]:
+    if not args.contention:
+        return [False]
+    return [True] if args.only_busy else [False, True]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--contention", action="store_true", help="also run every variant with the GPU kept busy")
+    ap.add_argument("--only-busy", action="store_true", help="with --contention: skip the runs on an idle GPU")
     ap.add_argument("--name", default="generate_parity.json")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (no contention)")
     args = ap.parse_args()
     results = {"env": environment() if args.device == "cuda" else {"device": args.device}, "args": vars(args), "runs": []}
-    for case, busy in itertools.product(args.cases.split(","), [False, True] if args.contention else [False]):
+    for case, busy in itertools.product(args.cases.split(","), busy_settings(args)):
         model, prompts, refs = hf_case(torch.device(args.device), case)
         for name in args.variants.split(","):
             for repeat in range(args.repeats):

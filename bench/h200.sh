@@ -39,7 +39,8 @@ stage() {
         python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -k "$k" -rfE -p no:logging
       done ;;
     generate-parity) python3 bench/generate_parity.py --repeats 1 ;;  # which setting / case breaks the tokens (~6 min?)
-    generate-parity-busy) python3 bench/generate_parity.py --repeats 1 --cases qknorm_gqa --contention ;;
+    generate-parity-busy) python3 bench/generate_parity.py --repeats 3 --cases qknorm_gqa --contention --only-busy \
+                            --variants default,unmerged,pdl_off --name generate_parity_busy.json ;;  # ~3 min?
     tests-c) python3 -m pytest -q -m gpu tests/test_gpu_backward.py tests/test_gpu_cross_entropy.py -rfE ;;
     train) python3 bench/train.py --layers 32 --peers eager torch_compile cc cc_rewrites ;;
     train-profile) python3 bench/train.py --layers 32 --peers torch_compile cc cc_rewrites --profile \
