@@ -3,6 +3,8 @@ eager Hugging Face (the same model object, run before it is optimized)."""
 
 import importlib.metadata
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -245,3 +247,28 @@ def test_pass_manager_uuid():
     # the pass list is canonicalised, so order does not split the cache
     assert CoherePassManager(["swiglu", "layer_norm"]).uuid() == CoherePassManager(["layer_norm", "swiglu"]).uuid()
     assert CoherePassManager(PASS_NAMES).uuid() != a.uuid()
+
+
+def test_pass_manager_uuid_hashes_every_source_file(tmp_path, monkeypatch):
+    """Code outside passes/ops/kernels shapes compiled graphs too (the backend's setup, the
+    weight layout merged projections read through as_strided, whose storage offsets the FX
+    cache key leaves out): a change to any package file must give a new uuid."""
+    import shutil
+
+    from cohere_compile.passes import manager
+
+    package = Path(manager.__file__).resolve().parent.parent
+    copy = tmp_path / "cohere_compile"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(manager, "_PACKAGE_ROOT", copy)
+    hashes = {}
+    for name in ("colocate.py", "generate.py", "backend.py", "cache/paged_cache.py", "kernels/paged.py"):
+        manager._source_hash.cache_clear()
+        before = CoherePassManager(["swiglu"]).uuid()
+        with open(copy / name, "a") as f:
+            f.write("\n# edited\n")
+        manager._source_hash.cache_clear()
+        hashes[name] = (before, CoherePassManager(["swiglu"]).uuid())
+    manager._source_hash.cache_clear()
+    unchanged = [name for name, (old, new) in hashes.items() if old == new]
+    assert not unchanged, f"uuid ignores edits to {unchanged}"

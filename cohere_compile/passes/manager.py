@@ -2,7 +2,7 @@
 
 It is installed as ``joint_custom_post_pass`` (torch 2.11/2.12 take a single pass
 per hook, 2.13 a list: one manager works on all). Its ``uuid`` hashes the source
-of every pass, op and kernel module plus the enabled pass list, so the FX graph
+of every module of the package plus the enabled pass list, so the FX graph
 cache stays on and is never served a graph rewritten by other code or options.
 """
 
@@ -50,7 +50,6 @@ PASS_NAMES: tuple[str, ...] = tuple(_MODULES)
 DEFAULT_PASSES: tuple[str, ...] = ("causal_attention", "paged_attention", "swiglu")
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-_HASHED_DIRS = ("passes", "ops", "kernels")
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,11 +60,13 @@ def _stages(name: str) -> tuple:
 
 @functools.lru_cache(maxsize=1)
 def _source_hash() -> str:
+    """Every module of the package, not just passes/ops/kernels: the backend's setup and the
+    weight layout that merged projections read (storage offsets, which the FX cache key leaves
+    out) shape compiled graphs as well."""
     h = hashlib.sha256()
-    for sub in _HASHED_DIRS:
-        for path in sorted((_PACKAGE_ROOT / sub).glob("*.py")):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
+    for path in sorted(_PACKAGE_ROOT.rglob("*.py")):
+        h.update(path.relative_to(_PACKAGE_ROOT).as_posix().encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
