@@ -3,8 +3,6 @@ eager Hugging Face (the same model object, run before it is optimized)."""
 
 import importlib.metadata
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -257,9 +255,8 @@ def test_pass_manager_uuid_hashes_every_source_file(tmp_path, monkeypatch):
 
     from cohere_compile.passes import manager
 
-    package = Path(manager.__file__).resolve().parent.parent
     copy = tmp_path / "cohere_compile"
-    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(manager._PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(manager, "_PACKAGE_ROOT", copy)
     hashes = {}
     for name in ("colocate.py", "generate.py", "backend.py", "cache/paged_cache.py", "kernels/paged.py"):
