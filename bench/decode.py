@@ -17,6 +17,8 @@ Peers, all in the same run:
 - ``ours_unmerged``: the same with ``merge_projections=False`` (not in the default peer list).
 - ``ours_no_swiglu``: the same without the swiglu pass in generate's graphs (only paged_attention),
   so Inductor can fuse silu(gate) * up into the down projection's GEMV (not in the default list).
+- ``ours_pdl``: Inductor's Programmatic Dependent Launch; ``ours_autotune``: Inductor's GEMM
+  autotuning (``max_autotune_gemm``); neither is in the default list.
 - ``ours_rope_write``: swiglu + qk_norm_rope, so each layer's RoPE (and QK norm) and its k/v cache
   write are one kernel (``cohere::qk_norm_rope_kv_write``). Since 2026-12-02 that is also
   ``cc.generate``'s own CUDA default, so on the GPU it runs the same graphs as ``ours``.
@@ -62,7 +64,10 @@ OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": Tru
                 # equals "ours" again (it opted out while PDL was briefly the default, 2026-12-02:
                 # decode_aya-8b_L32_b1_pdl_default.json)
                 "ours_pdl": {"inductor_options": {"triton.enable_pdl": True}},
-                "ours_no_pdl": {"inductor_options": {"triton.enable_pdl": False}}}
+                "ours_no_pdl": {"inductor_options": {"triton.enable_pdl": False}},
+                # Inductor autotunes its matmuls against Triton templates (decode at batch > 1: the
+                # projections are cuBLAS calls otherwise; at batch 1 they are GEMV reductions anyway)
+                "ours_autotune": {"inductor_options": {"max_autotune_gemm": True}}}
 
 
 def make_prompts(lengths, vocab, seed=0):
@@ -118,8 +123,9 @@ def make_loop(model, batch, max_len):
     return run
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up: compiles, records CUDA graphs
+def timed(fn, device, repeats, warm_up=True):
+    if warm_up:
+        fn()  # compiles, records CUDA graphs
     times = []
     for _ in range(repeats):
         sync(device)
@@ -128,6 +134,15 @@ def timed(fn, device, repeats):
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def ours_entry(stats, seconds, total_new, floor) -> dict:
+    """A cc.generate timing: whole call and decode steps only (each prompt's first token comes
+    from its prefill, so decode steps made total_new - prefills tokens)."""
+    decode_only = (total_new - stats["prefills"]) / stats["decode_s"]
+    return {"seconds": seconds, "tok_s": total_new / seconds, "decode_only_tok_s": decode_only,
+            "decode_only_fraction_of_floor": decode_only / floor, "stats": dict(stats),
+            "decode_ms_per_step": 1e3 * stats["decode_s"] / stats["decode_steps"]}
 
 
 def floor_tokens_per_s(model, lengths, new_tokens, bandwidth_gbs):
@@ -163,6 +178,10 @@ def main():
     ap.add_argument("--peers", default="hf_eager,hf_static,loop,ours")
     ap.add_argument("--workloads", default="b1,ragged")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time our variants this many times, interleaved (round r runs every variant once more; "
+                         "the compiled graphs are reused), and report each variant's median over the rounds: "
+                         "order and drift effects between variants then average out")
     ap.add_argument("--tag", default="")
     ap.add_argument("--tiny", action="store_true", help="tiny CPU model: a smoke run of this script")
     args = ap.parse_args()
@@ -196,7 +215,7 @@ def main():
         floor, weight_bytes, step_bytes = floor_tokens_per_s(model, lengths, args.new_tokens, bandwidth)
         row = {"prompt_lengths": lengths, "new_tokens": args.new_tokens, "floor_tok_s": floor,
                "weight_bytes": weight_bytes, "bytes_per_step": step_bytes, "peers": {}}
-        outputs = {}
+        outputs, ours_fns = {}, {}
         for peer in args.peers.split(","):
             gc.collect()
             if device.type == "cuda":
@@ -212,7 +231,8 @@ def main():
                     fn = lambda: outputs.__setitem__(peer, loop(prompts, args.new_tokens))  # noqa: E731
                 elif peer in OUR_VARIANTS:
                     stats = {}
-                    fn = lambda: outputs.__setitem__(peer, torch.tensor(cc.generate(  # noqa: E731
+                    # bound as defaults: --rounds calls these again after the loop has moved on
+                    fn = lambda peer=peer, stats=stats: outputs.__setitem__(peer, torch.tensor(cc.generate(  # noqa: E731
                         model, prompts, args.new_tokens, stop_tokens=(), stats=stats, **OUR_VARIANTS[peer])))
                 else:
                     raise ValueError(f"unknown peer {peer}")
@@ -222,12 +242,8 @@ def main():
                     total_s = time.perf_counter() - start
                 entry = {"seconds": seconds, "first_call_and_timed_s": total_s, "tok_s": total_new / seconds, "fraction_of_floor": total_new / seconds / floor}
                 if peer in OUR_VARIANTS:
-                    # tokens made by decode steps (each prompt's first comes from its prefill)
-                    decode_tokens = total_new - stats["prefills"]
-                    entry["decode_only_tok_s"] = decode_tokens / stats["decode_s"]
-                    entry["decode_only_fraction_of_floor"] = entry["decode_only_tok_s"] / floor
-                    entry["stats"] = dict(stats)
-                    entry["decode_ms_per_step"] = 1e3 * stats["decode_s"] / stats["decode_steps"]
+                    entry.update(ours_entry(stats, seconds, total_new, floor))
+                    ours_fns[peer] = (fn, stats)
             except Exception as e:  # a peer that fails is reported, not fatal
                 entry = {"error": f"{type(e).__name__}: {e}"[:500]}
             row["peers"][peer] = entry
@@ -235,6 +251,23 @@ def main():
             if json_name:  # after every peer: a run cut off by the call limit keeps its numbers
                 write_json(json_name, results)
             print(name, peer, {k: v for k, v in entry.items() if k != "stats"}, flush=True)
+        for r in range(1, args.rounds):  # the variants again, in the same order, already compiled
+            for peer, (fn, stats) in ours_fns.items():
+                with torch.no_grad():
+                    seconds = timed(fn, device, args.repeats, warm_up=False)
+                row["peers"][peer].setdefault("rounds", [ours_entry(row["peers"][peer]["stats"], row["peers"][peer]["seconds"], total_new, floor)])
+                row["peers"][peer]["rounds"].append(ours_entry(stats, seconds, total_new, floor))
+                print(name, peer, "round", r, {k: v for k, v in row["peers"][peer]["rounds"][-1].items() if k != "stats"},
+                      flush=True)
+        for peer in ours_fns:
+            entry = row["peers"][peer]
+            if "rounds" in entry:  # the headline numbers become the medians over the rounds
+                for key in ("tok_s", "decode_only_tok_s", "decode_ms_per_step"):
+                    entry[key] = statistics.median(r[key] for r in entry["rounds"])
+                entry["fraction_of_floor"] = entry["tok_s"] / floor
+                entry["decode_only_fraction_of_floor"] = entry["decode_only_tok_s"] / floor
+            if json_name:
+                write_json(json_name, results)
         if "ours" in outputs:
             ours = outputs["ours"].to("cpu")
             row["agreement_with_ours"] = {

@@ -3,7 +3,9 @@
 For Aya-8B heads (32 query / 8 KV, D 128, bf16, block 256) at batch 1 (one 640-token
 sequence) and a ragged batch of 32 (100..2000 tokens + 64): achieved bandwidth on the K/V
 bytes each configuration must read, timed as a CUDA graph of 20 calls, against the
-measured device copy bandwidth.
+measured device copy bandwidth. The balanced plan (splits sized from the real lengths, the
+default) is swept; the earlier plan (one split length for all, ``balance=False``) runs at its
+old defaults for a same-run comparison.
 
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/paged_kernel.py
 """
@@ -29,22 +31,27 @@ def main(argv=None):
     for name, lengths in workloads.items():
         args, kv_bytes = paged_attention_inputs(lengths, kv_heads=8, heads=32, head_dim=128)
         out = empty_heads_like(args[0])
-        for block_n, warps, stages, target in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (1024, 4096)):
+        configs = [(True, *c) for c in itertools.product((32, 64), (4, 8), (2, 3), (1024, 2048, 4096))]
+        configs.append((False, 64, 4, 2, 1024))  # the earlier plan at its defaults
+        for balance, block_n, warps, stages, target in configs:
             try:
                 t = cuda_graph_time_s(lambda: paged_decode_attention(*args, out, block_n=block_n, num_warps=warps,
-                                                              num_stages=stages, target_programs=target))
+                                                              num_stages=stages, target_programs=target,
+                                                              balance=balance))
             except Exception as e:  # a config that does not compile (e.g. registers) is skipped
-                print(name, block_n, warps, stages, target, "failed:", type(e).__name__)
+                print(name, balance, block_n, warps, stages, target, "failed:", type(e).__name__)
                 continue
             gbs = kv_bytes / t / 1e9
-            rows.append({"workload": name, "block_n": block_n, "num_warps": warps, "num_stages": stages,
-                         "target_programs": target, "us": t * 1e6, "gbs": gbs, "fraction_of_copy": gbs / bandwidth})
+            rows.append({"workload": name, "balance": balance, "block_n": block_n, "num_warps": warps,
+                         "num_stages": stages, "target_programs": target, "us": t * 1e6, "gbs": gbs,
+                         "fraction_of_copy": gbs / bandwidth})
         best = sorted((r for r in rows if r["workload"] == name), key=lambda r: r["us"])[:5]
         knobs = inspect.signature(paged_decode_attention).parameters
-        current = tuple(knobs[k].default for k in ("block_n", "num_warps", "num_stages", "target_programs"))
-        default = [r for r in rows if r["workload"] == name and (r["block_n"], r["num_warps"], r["num_stages"],
-                                                                   r["target_programs"]) == current]
-        print(name, "default", default, "\nbest", *best, sep="\n  ")
+        current = tuple(knobs[k].default for k in ("balance", "block_n", "num_warps", "num_stages", "target_programs"))
+        default = [r for r in rows if r["workload"] == name and tuple(r[k] for k in (
+            "balance", "block_n", "num_warps", "num_stages", "target_programs")) == current]
+        earlier = [r for r in rows if r["workload"] == name and not r["balance"]]
+        print(name, "default", default, "earlier plan", earlier, "\nbest", *best, sep="\n  ")
     write_json(out_name, {"env": environment(), "copy_bandwidth_gbs": bandwidth, "rows": rows})
 
 

@@ -41,20 +41,23 @@ def test_paged_attention_matches_reference(dtype, heads, kv_heads, mask_kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_kernel_merges_many_splits(dtype):
-    """One split per 16-key tile (up to 6 per sequence): the merge kernel combines them; a
-    sequence within one split, an idle row and a second launch with other lengths too."""
+@pytest.mark.parametrize("balance,target", [(True, 10_000), (True, 2), (True, 12), (False, 10_000), (False, 2)])
+def test_paged_attention_kernel_merges_many_splits(dtype, balance, target):
+    """Many splits (one per 16-key tile when ``target`` is large), one split per sequence
+    (``target`` 2: no spare slots), and a few slots shared by length (12): the merge kernel
+    combines them; a sequence within one split, an idle row, one long sequence among short
+    ones (the balanced plan gives it most of the splits), and a second launch with other lengths."""
     from cohere_compile.kernels.paged import paged_decode_attention
 
     bs, d, hkv, heads, max_blocks = 16, 16, 2, 16, 6
     k_pool, v_pool = _pools(20, hkv, bs, d, dtype, seed=3)
     g = torch.Generator().manual_seed(4)
     table = torch.randperm(20, generator=g)[: 3 * max_blocks].view(3, max_blocks).int()
-    for lens in ([96, 9, 53], [17, 0, 70]):
+    for lens in ([96, 9, 53], [17, 0, 70], [1, 95, 2]):
         lens = torch.tensor(lens, dtype=torch.int32)
         q = torch.randn(3, heads, 1, d, generator=g).to(dtype)
         out = paged_decode_attention(q, k_pool, v_pool, table, lens, None, 0.25, torch.empty_like(q),
-                                     block_n=16, target_programs=10_000)
+                                     block_n=16, target_programs=target, balance=balance)
         ref = reference.paged_attention(q.double(), k_pool.double(), v_pool.double(), table, lens, None, 0.25)
         assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
         assert torch.equal(out[1], torch.zeros_like(out[1])) == (int(lens[1]) == 0)
