@@ -205,12 +205,16 @@ def _n_slots(batch: int, kv_heads: int, view_tiles: int, target_programs: int) -
     """Split slots per KV head: one per sequence plus ``target_programs / kv_heads`` to share
     out by length, but never more than there are tiles. Splits follow the sequences'
     real lengths (``_split_plan``), so a ragged batch's programs all get about the same work,
-    and slots no split needs exit at once."""
+    and slots no split needs exit at once; an oversized view (a cache built for longer
+    sequences) no longer stretches every split. H200 sweep, Aya heads, kernel alone
+    (bench/results/paged_kernel_sweep_balanced.json): 1024 programs and 3 stages first, 49.3 vs
+    50.0 us for the earlier plan on the ragged batch of 32 (70% vs 69% of copy), 6.16 vs 6.44 us
+    at batch 1: about even, the balance is not what holds the kernel at 70%."""
     return max(1, min(batch * view_tiles, batch + triton.cdiv(target_programs, kv_heads)))
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale, out, *,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2, target_programs: int = 1024,
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3, target_programs: int = 1024,
                            balance: bool = True):
     """q: (B, H, 1, D) -> out (B, H, 1, D). Attends positions [0, kv_lens[b]) of each sequence.
     The keyword knobs are for tuning sweeps (bench/paged_kernel.py); ``balance=False`` is the
