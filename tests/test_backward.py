@@ -70,7 +70,7 @@ def ref_layer_norm(x, w, eps=EPS):
     return (x - mean) / torch.sqrt(var + eps) * w
 
 
-def ref_qk_norm_rope(q, k, qw, kw, cos, sin, eps=EPS):
+def ref_qk_norm_rope(q, k, qw, kw, cos, sin, eps=EPS, k_eps=None):
     """q: (B, H, T, D); weights (H, D) or None; interleaved RoPE."""
     def rope(x):
         c, s = cos.double()[:, None], sin.double()[:, None]
@@ -79,7 +79,7 @@ def ref_qk_norm_rope(q, k, qw, kw, cos, sin, eps=EPS):
 
     if qw is not None:
         q = ref_layer_norm(q, qw[None, :, None, :], eps)
-        k = ref_layer_norm(k, kw[None, :, None, :], eps)
+        k = ref_layer_norm(k, kw[None, :, None, :], eps if k_eps is None else k_eps)
     return rope(q), rope(k)
 
 
@@ -192,6 +192,20 @@ def test_qk_norm_rope_backward_tensor_eps_and_many_tokens():
 
     errs = _grads_vs_fp64(ours, lambda *a: ref_qk_norm_rope(*a, cos, sin), [q, k, qw, kw], grads, torch.float32)
     assert max(errs) < 1e-5, errs
+
+
+def test_qk_norm_rope_backward_tensor_eps_with_own_k_eps():
+    q, k, qw, kw, cos, sin = _rope_inputs(torch.float32, b=2, t=5, hq=4, hk=2, d=8)
+    grads = [torch.randn(q.shape), torch.randn(k.shape)]
+
+    def ours(q, k, qw, kw):
+        return ops.qk_norm_rope_tensor_eps(q, k, qw, kw, cos, sin, torch.tensor(EPS), torch.tensor(0.5))
+
+    def ref(*args):
+        return ref_qk_norm_rope(*args, cos, sin, EPS, 0.5)
+
+    errs = _grads_vs_fp64(ours, ref, [q, k, qw, kw], grads, torch.float32)
+    assert len(errs) == 4 and max(errs) < 1e-5, errs
 
 
 def test_qk_norm_rope_backward_rejects_grad_for_cos():

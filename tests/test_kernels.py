@@ -234,6 +234,17 @@ def test_qk_norm_rope_contiguous_inputs_and_tensor_eps():
     assert rel_err(k_out, ref_rope(ref_head_norm(k, kw, 1e-2), cos, sin)) < 1e-5
 
 
+def test_qk_norm_rope_tensor_eps_takes_k_eps_apart():
+    """Under dynamic=True each norm's eps is its own graph input, so the pass hands k's eps over
+    separately; a large gap between the two shows each head group uses its own."""
+    q, k, cos, sin = rope_inputs(torch.float32, t=5, hk=3)
+    qw, kw = torch.empty(6, 24).normal_(1.0, 0.3), torch.empty(3, 24).normal_(1.0, 0.3)
+    q_out, k_out = ops.qk_norm_rope_tensor_eps(q, k, qw, kw, cos, sin, torch.tensor(1e-5), torch.tensor(0.5))
+    assert rel_err(q_out, ref_rope(ref_head_norm(q, qw, 1e-5), cos, sin)) < 1e-5
+    assert rel_err(k_out, ref_rope(ref_head_norm(k, kw, 0.5), cos, sin)) < 1e-5
+    assert rel_err(k_out, ref_rope(ref_head_norm(k, kw, 1e-5), cos, sin)) > 1e-2
+
+
 def test_qk_norm_rope_odd_head_dim_raises():
     q, k = torch.randn(1, 2, 3, 7), torch.randn(1, 2, 3, 7)
     cos, sin = torch.randn(1, 3, 7), torch.randn(1, 3, 7)

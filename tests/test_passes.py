@@ -271,17 +271,13 @@ def test_pass_manager_uuid_hashes_every_source_file(tmp_path, monkeypatch):
     assert not unchanged, f"uuid ignores edits to {unchanged}"
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (2026-12-02): the multi-output match binds both outputs to one "
-                   "branch; numerically right, half the QK norms left unfused; see README 'Open' under Decoding")
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_qk_norm_rope_pairs_each_layers_q_with_its_own_k(monkeypatch, kv_heads):
-    """q's and k's norm + RoPE branches are alike, and Inductor binds a multi-output pattern's
-    second output to the first anchor that matches: it bound both outputs to one branch
-    (the op got one weight twice, one output unused, the other branch left unfused, yet one
-    rewrite counted per layer). Seen on dynamic graphs whose eps is a tensor input, i.e. any
-    compile after the patterns were built. Each op must take a layer's q and k weights and
-    feed both outputs, and no QK norm may stay behind (rsqrt: the layers' input norms and
-    the final norm only)."""
+    """On dynamic graphs (a tensor eps: one graph input per norm) a pattern with one eps for
+    both norms fitted only q's own branch as its second output: the op got one weight twice,
+    one output went unused, k's norm stayed unfused, yet one rewrite counted per layer. Each op
+    must take a layer's q and k weights and feed both outputs, and no QK norm may stay behind
+    (rsqrt: the layers' input norms and the final norm only)."""
     from cohere_compile.passes import manager
 
     manager._stages("qk_norm_rope")  # build the patterns first, as in any later compile
@@ -312,3 +308,35 @@ def test_qk_norm_rope_pairs_each_layers_q_with_its_own_k(monkeypatch, kv_heads):
         assert all(sorted(u.args[1] for u in n.users) == [0, 1] for n in fused), [list(n.users) for n in fused]
         rsqrt = [n for n in graph.nodes if n.target == torch.ops.aten.rsqrt.default]
         assert len(rsqrt) == cfg.num_hidden_layers + 1, len(rsqrt)
+
+
+def test_qk_norm_rope_never_pairs_a_branch_with_itself(monkeypatch):
+    """Only q gets Cohere's RoPE here (k is scaled by cos + sin, not rotated). Inductor's
+    multi-output match takes q's branch for k's output too (k := q: the op got q twice, this
+    test failed so without the guard); DistinctBranchesPattern rejects that, so nothing is
+    rewritten and the result is eager's."""
+    from cohere_compile.passes import manager
+    from cohere_compile.passes.qk_norm_rope import _rotate_half
+
+    def half_rotated(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (k * sin)
+
+    graphs = []
+    run_passes = manager.CoherePassManager.__call__
+
+    def spy(self, graph):
+        run_passes(self, graph)
+        graphs.append(graph)
+
+    monkeypatch.setattr(manager.CoherePassManager, "__call__", spy)
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g),
+            torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)]
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out = torch.compile(half_rotated, backend="cohere", options={"passes": ["qk_norm_rope"]})(*args)
+    for got, want in zip(out, half_rotated(*args)):
+        torch.testing.assert_close(got, want)
+    assert graphs
+    ops = [n for graph in graphs for n in graph.nodes if n.target == torch.ops.cohere.qk_norm_rope.default]
+    assert not ops, [n.args for n in ops]

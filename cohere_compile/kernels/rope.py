@@ -60,7 +60,7 @@ def qk_norm_rope_kernel(
     kpool_ptr, vpool_ptr, spn, sph, sps, slots_ptr, block_size,
     qw_ptr, kw_ptr,
     cos_ptr, sin_ptr, scb, sct, scd,
-    seq_len, n_q_heads, n_k_heads, head_dim, eps,
+    seq_len, n_q_heads, n_k_heads, head_dim, q_eps, k_eps,
     HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -78,7 +78,7 @@ def qk_norm_rope_kernel(
     sin = tl.load(sin_ptr + b * scb + t * sct + d * scd, mask=d_valid, other=0.0).to(tl.float32)
     if chunk < q_chunks:
         _rotate_heads(q_ptr, sqb, sqh, sqt, sqd, qo_ptr, sqob, sqoh, sqot, qw_ptr, cos, sin,
-                      b, t, chunk * BLOCK_HQ, n_q_heads, head_dim, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
+                      b, t, chunk * BLOCK_HQ, n_q_heads, head_dim, q_eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
     else:
         h0 = (chunk - q_chunks) * BLOCK_HK
         if WRITE_KV:
@@ -87,14 +87,14 @@ def qk_norm_rope_kernel(
                 dst = (slot // block_size) * spn + (slot % block_size) * sps
                 # the pool slot as an output with no batch / token strides
                 _rotate_heads(k_ptr, skb, skh, skt, skd, kpool_ptr + dst, 0, sph, 0, kw_ptr, cos, sin,
-                              b, t, h0, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+                              b, t, h0, n_k_heads, head_dim, k_eps, HAS_NORM, BLOCK_HK, BLOCK_D)
                 h = h0 + tl.arange(0, BLOCK_HK)[:, None]
                 valid = (h < n_k_heads) & d_valid
                 vv = tl.load(v_ptr + b * svb + t * svt + h * svh + d * svd, mask=valid)
                 tl.store(vpool_ptr + dst + h * sph + d, vv.to(vpool_ptr.dtype.element_ty), mask=valid)
         else:
             _rotate_heads(k_ptr, skb, skh, skt, skd, ko_ptr, skob, skoh, skot, kw_ptr, cos, sin,
-                          b, t, h0, n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+                          b, t, h0, n_k_heads, head_dim, k_eps, HAS_NORM, BLOCK_HK, BLOCK_D)
 
 
 def _heads_per_program(tokens: int, heads: int, target_programs: int) -> int:
@@ -111,10 +111,11 @@ def _target_programs(x) -> int:
     return 1  # the CPU interpreter runs programs one by one: fewest programs, fastest tests
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=None, target_programs=None):
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=None, target_programs=None,
+            k_eps=None):
     """Programs per (token, head chunk), see the module docstring (``target_programs``: the
     device's default unless given). ``k_out`` receives the rotated k, or ``write = (v, k_pool,
-    v_pool, slots)`` stores it and v in the pools."""
+    v_pool, slots)`` stores it and v in the pools. ``k_eps``: k's norm epsilon when it is not q's."""
     bsz, n_q, seq, dim = q.shape
     n_k = k.shape[1]
     target = _target_programs(q) if target_programs is None else target_programs
@@ -142,17 +143,19 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=No
             k_pool, v_pool, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), slots, k_pool.shape[2],
             q_weight if has_norm else q, k_weight if has_norm else k,
             cos, sin, *cos.stride(),
-            seq, n_q, n_k, dim, float(eps),
+            seq, n_q, n_k, dim, float(eps), float(eps if k_eps is None else k_eps),
             HAS_NORM=has_norm, WRITE_KV=write is not None, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
             BLOCK_D=next_pow2(dim), num_warps=4 if max(block_hq, block_hk) > 2 else 1,  # one-head chunks: one warp
         )
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, target_programs=None):
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, target_programs=None, k_eps=None):
     """q: (B, Hq, T, D), k: (B, Hk, T, D) (any strides); cos/sin: (B|1, T, D).
-    Weights (Hq, D) / (Hk, D) or both None (RoPE only). Returns rotated (q, k)."""
+    Weights (Hq, D) / (Hk, D) or both None (RoPE only); ``k_eps`` defaults to ``eps``.
+    Returns rotated (q, k)."""
     q_out, k_out = empty_heads_like(q), empty_heads_like(k)
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=k_out, target_programs=target_programs)
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=k_out, target_programs=target_programs,
+            k_eps=k_eps)
     return q_out, k_out
 
 
@@ -215,7 +218,7 @@ def qk_norm_rope_backward_kernel(
     dk_ptr, sdkb, sdkh, sdkt,
     qw_ptr, kw_ptr, dqw_part_ptr, dkw_part_ptr,
     cos_ptr, sin_ptr, scb, sct, scd,
-    n_tokens, tokens_per_program, seq_len, n_q_heads, n_k_heads, head_dim, eps,
+    n_tokens, tokens_per_program, seq_len, n_q_heads, n_k_heads, head_dim, q_eps, k_eps,
     HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Each program owns a contiguous run of tokens and writes one fp32 partial of each
@@ -234,10 +237,10 @@ def qk_norm_rope_backward_kernel(
         sin_p = tl.load(sin_ptr + b * scb + t * sct + (d ^ 1) * scd, mask=d_valid, other=0.0).to(tl.float32)
         dwq = _unrotate_heads(gq_ptr, sgqb, sgqh, sgqt, sgqd, q_ptr, sqb, sqh, sqt, sqd,
                               dq_ptr, sdqb, sdqh, sdqt, qw_ptr, dwq, cos, sin_p, b, t,
-                              n_q_heads, head_dim, eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
+                              n_q_heads, head_dim, q_eps, HAS_NORM, BLOCK_HQ, BLOCK_D)
         dwk = _unrotate_heads(gk_ptr, sgkb, sgkh, sgkt, sgkd, k_ptr, skb, skh, skt, skd,
                               dk_ptr, sdkb, sdkh, sdkt, kw_ptr, dwk, cos, sin_p, b, t,
-                              n_k_heads, head_dim, eps, HAS_NORM, BLOCK_HK, BLOCK_D)
+                              n_k_heads, head_dim, k_eps, HAS_NORM, BLOCK_HK, BLOCK_D)
     if HAS_NORM:
         hq = tl.arange(0, BLOCK_HQ)[:, None]
         hk = tl.arange(0, BLOCK_HK)[:, None]
@@ -247,8 +250,8 @@ def qk_norm_rope_backward_kernel(
                  mask=(hk < n_k_heads) & d_valid)
 
 
-def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
-    """Backward of ``qk_norm_rope``. Returns ``(dq, dk, dq_weight, dk_weight)``; the
+def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, k_eps=None):
+    """Backward of ``qk_norm_rope`` (``k_eps`` defaults to ``eps``). Returns ``(dq, dk, dq_weight, dk_weight)``; the
     weight grads are None without QK norm. dq / dk are laid out (B, T, H, D)."""
     bsz, n_q, seq, dim = q.shape
     n_k = k.shape[1]
@@ -280,7 +283,7 @@ def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, ep
         dq, *dq.stride()[:3], dk, *dk.stride()[:3],
         q_weight, k_weight, dqw, dkw,
         cos, sin, *cos.stride(),
-        tokens, per_program, seq, n_q, n_k, dim, float(eps),
+        tokens, per_program, seq, n_q, n_k, dim, float(eps), float(eps if k_eps is None else k_eps),
         HAS_NORM=has_norm, BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(n_k),
         BLOCK_D=next_pow2(dim), num_warps=4,
     )

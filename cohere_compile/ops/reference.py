@@ -47,20 +47,21 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (xf * cos + _rotate_interleaved(xf) * sin).to(x.dtype)
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, k_eps=None):
     """q: (B, Hq, T, D), k: (B, Hk, T, D). Per-head LayerNorm (weights (H, D)) when
-    weights are given, then RoPE; the norm sees (B, T, H, D) as HF applies it."""
+    weights are given, then RoPE; the norm sees (B, T, H, D) as HF applies it.
+    ``k_eps``: k's norm epsilon, ``eps`` unless given."""
     if q_weight is not None:
         q = layer_norm(q.transpose(1, 2), q_weight, eps).transpose(1, 2)
-        k = layer_norm(k.transpose(1, 2), k_weight, eps).transpose(1, 2)
+        k = layer_norm(k.transpose(1, 2), k_weight, eps if k_eps is None else k_eps).transpose(1, 2)
     return rope(q, cos, sin), rope(k, cos, sin)
 
 
-def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps):
+def qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, k_eps=None):
     """Autograd through ``qk_norm_rope`` (the definition above, same rounding points)."""
     with autograd_inside_op():
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, k, q_weight, k_weight)]
-        q_out, k_out = qk_norm_rope(*leaves, cos, sin, eps)
+        q_out, k_out = qk_norm_rope(*leaves, cos, sin, eps, k_eps)
         wanted = [t for t in leaves if t is not None]
         grads = torch.autograd.grad((q_out, k_out), wanted, (grad_q, grad_k))
     return (*grads, None, None) if q_weight is None else tuple(grads)

@@ -19,15 +19,22 @@ from typing import Callable, Sequence
 
 import torch
 from torch._inductor.pattern_matcher import (
+    FailedMatch,
+    KeywordArg,
     Match,
+    MatchContext,
+    MatchResult,
+    MultiOutputPattern,
     PatternExpr,
     PatternMatcherPass,
     fwd_only,
     fx_to_pattern,
     joint_fwd_bwd,
     gen_pattern_and_search_gm,
+    is_match,
     register_replacement,
 )
+from torch.utils._ordered_set import OrderedSet
 
 aten = torch.ops.aten
 # Ops whose list argument is a shape burned in by the example trace.
@@ -50,6 +57,7 @@ JOINT_TRACE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A value no model uses: the traced literal becomes a pattern argument (Inductor's
 # scalar_workaround), so eps / scale are read from the matched graph, not assumed.
 EPS_PLACEHOLDER = 0.000123456789
+EPS_PLACEHOLDER_2 = 0.000987654321  # a second eps of one pattern (q's and k's norms)
 SCALE_PLACEHOLDER = 0.123456789
 
 
@@ -83,8 +91,36 @@ def fold_round_trip_casts(graph: torch.fx.Graph) -> None:
         graph.erase_node(inner)
 
 
+class DistinctBranchesPattern(MultiOutputPattern):
+    """A multi-output pattern whose outputs never bind two of its inputs to one node.
+
+    Inductor matches a multi-output pattern's first output at the anchor, then takes the
+    first candidate that matches each other output. When two branches are alike (q's and
+    k's norm + RoPE) that candidate can be the first output's own branch again: k bound to
+    q's node, k_weight to q's weight. The op then got one weight twice, one output went
+    unused and k's branch stayed unfused, yet a rewrite was counted. Here such a candidate
+    is rejected and the next one is tried."""
+
+    def _match_from_anchors(self, pattern: PatternExpr, ctx: MatchContext) -> MatchResult:
+        prior = dict(ctx.pattern_to_node)
+        taken = {n for n in prior.values() if isinstance(n, torch.fx.Node)}
+        m: MatchResult = FailedMatch("no anchor found")
+        for node in pattern.find_anchor_nodes(ctx, OrderedSet()):
+            m = ctx.match(pattern, node)
+            # Shared intermediates (one cos.unsqueeze for q and k) are fine; a new input of
+            # the pattern bound to a node that is already bound is the fault.
+            reused = [n for p, n in ctx.pattern_to_node.items()
+                      if p not in prior and isinstance(p, KeywordArg) and n in taken]
+            if is_match(m) and not reused:
+                return m
+            if is_match(m):
+                m = FailedMatch("an input bound to a node of an earlier output")
+            ctx.pattern_to_node = dict(prior)  # revert the partial match
+        return m
+
+
 def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict, trace_fn=fwd_only,
-                   fold_casts: bool = False) -> PatternExpr:
+                   fold_casts: bool = False, distinct_branches: bool = False) -> PatternExpr:
     """Trace ``search_fn`` into a pattern that ignores shapes but keeps every other int.
 
     Inductor's own patterns ignore all ints on the first match and re-trace with the
@@ -109,12 +145,15 @@ def strict_pattern(search_fn: Callable, example_inputs: Sequence, scalars: dict,
     argnames = list(inspect.signature(search_fn).parameters)
     if joint:  # tangents_1.. follow the arguments, as register_replacement's normalize_args expects
         argnames += [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.target.startswith("tangents")]
-    return fx_to_pattern(
+    pattern = fx_to_pattern(
         gm,
         ignore_types=(float, torch.device) if joint else (float, torch.device, torch.dtype),
         argnames=argnames,
         scalar_workaround=scalars,
     )
+    if distinct_branches and isinstance(pattern, MultiOutputPattern):
+        pattern.__class__ = DistinctBranchesPattern
+    return pattern
 
 
 def register(
@@ -128,6 +167,7 @@ def register(
     inference: bool = True,
     dtypes: Sequence[torch.dtype] | None = None,
     fold_casts: bool = False,
+    distinct_branches: bool = False,
 ) -> None:
     """Register ``search_fn -> replace_fn`` for fp32 and low-precision graphs.
 
@@ -138,18 +178,19 @@ def register(
     grad in one training-graph (``joint_fwd_bwd``) variant, registered after the
     forward-only ones. ``inference=False`` registers the training variants only. ``dtypes``
     replaces the traced dtypes; ``fold_casts`` traces the torch 2.11 form of the graph
-    (``fold_round_trip_casts``).
+    (``fold_round_trip_casts``). ``distinct_branches`` keeps a multi-output pattern's outputs on
+    separate branches of the graph (``DistinctBranchesPattern``).
     """
     # Patterns are built once per process, on first use; that may happen under
     # torch.inference_mode (e.g. generate), where register_replacement drops joint
     # (training) patterns for good. Build outside it.
     with torch.inference_mode(False):
         _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference,
-                  dtypes, fold_casts)
+                  dtypes, fold_casts, distinct_branches)
 
 
 def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check, grad_variants, inference,
-              dtypes=None, fold_casts=False):
+              dtypes=None, fold_casts=False, distinct_branches=False):
     scalars = dict(scalars or {})
     seen = getattr(patterns, "_cohere_seen", set())
     patterns._cohere_seen = seen
@@ -164,7 +205,7 @@ def _register(patterns, search_fn, replace_fn, make_inputs, scalars, extra_check
                 x.detach().requires_grad_(name in grad_names) if isinstance(x, torch.Tensor) else x
                 for name, x in zip(argnames, inputs)
             ]
-            pattern = strict_pattern(search_fn, inputs, scalars, trace_fn, fold_casts)
+            pattern = strict_pattern(search_fn, inputs, scalars, trace_fn, fold_casts, distinct_branches)
             key = (search_fn.__qualname__, trace_fn.__name__, grad_names, str(pattern))
             if key in seen:
                 continue

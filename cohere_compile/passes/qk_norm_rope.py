@@ -5,7 +5,7 @@ the model has no QK norm. One rewrite per attention layer."""
 import torch
 from torch._inductor.pattern_matcher import PatternMatcherPass
 
-from ._patterns import EPS_PLACEHOLDER, register
+from ._patterns import EPS_PLACEHOLDER, EPS_PLACEHOLDER_2, meta_val, register
 from .layer_norm import cohere_layer_norm
 
 NAME = "qk_norm_rope"
@@ -30,16 +30,29 @@ def apply_rotary_pos_emb(q, k, cos, sin):
     return q_embed.to(dtype=dtype), k_embed.to(dtype=dtype)
 
 
-def _search_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
-    """q, k: (B, T, H, D) as projected, before HF's transpose."""
-    q = cohere_layer_norm(q, q_weight, eps).transpose(1, 2)
-    k = cohere_layer_norm(k, k_weight, eps).transpose(1, 2)
+def _search_norm_rope(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps):
+    """q, k: (B, T, H, D) as projected, before HF's transpose. Each norm has its own eps:
+    under ``dynamic=True`` each is a separate graph input (equal values, distinct nodes)."""
+    q = cohere_layer_norm(q, q_weight, q_eps).transpose(1, 2)
+    k = cohere_layer_norm(k, k_weight, k_eps).transpose(1, 2)
     return apply_rotary_pos_emb(q, k, cos, sin)
 
 
-def _replace_norm_rope(q, k, q_weight, k_weight, cos, sin, eps):
-    op = torch.ops.cohere.qk_norm_rope_tensor_eps if isinstance(eps, torch.Tensor) else torch.ops.cohere.qk_norm_rope
-    return op(q.transpose(1, 2), k.transpose(1, 2), q_weight, k_weight, cos, sin, eps)
+def _replace_norm_rope(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps):
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if isinstance(q_eps, torch.Tensor):
+        return torch.ops.cohere.qk_norm_rope_tensor_eps(q, k, q_weight, k_weight, cos, sin, q_eps, k_eps)
+    return torch.ops.cohere.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, q_eps)  # == k_eps: _eps_fit_op
+
+
+def _eps_fit_op(match) -> bool:
+    """Tensor epsilons (both) go to the tensor twin, which takes q's and k's; float ones to the
+    one-eps op, so they must be equal (they are in HF: both are ``config.layer_norm_eps``)."""
+    q_eps, k_eps = meta_val(match, "q_eps"), meta_val(match, "k_eps")
+    tensors = [isinstance(e, torch.Tensor) for e in (q_eps, k_eps)]
+    if all(tensors):
+        return True
+    return not any(tensors) and isinstance(q_eps, float) and q_eps == k_eps
 
 
 def _search_rope(q, k, cos, sin):
@@ -58,13 +71,15 @@ def build() -> list[PatternMatcherPass]:
     def norm_inputs(dt):
         return [torch.randn(b, t, h, d, dtype=dt), torch.randn(b, t, kv, d, dtype=dt),
                 torch.randn(h, d, dtype=dt), torch.randn(kv, d, dtype=dt),
-                torch.randn(1, t, d, dtype=dt), torch.randn(1, t, d, dtype=dt), EPS_PLACEHOLDER]
+                torch.randn(1, t, d, dtype=dt), torch.randn(1, t, d, dtype=dt), EPS_PLACEHOLDER, EPS_PLACEHOLDER_2]
 
     def rope_inputs(dt):
         return [torch.randn(b, h, t, d, dtype=dt), torch.randn(b, kv, t, d, dtype=dt),
                 torch.randn(1, t, d, dtype=dt), torch.randn(1, t, d, dtype=dt)]
 
-    register(fused, _search_norm_rope, _replace_norm_rope, norm_inputs, scalars={"eps": EPS_PLACEHOLDER},
-             grad_variants=[("q", "k", "q_weight", "k_weight"), ("q", "k")])
-    register(rope_only, _search_rope, _replace_rope, rope_inputs, grad_variants=[("q", "k")])
+    register(fused, _search_norm_rope, _replace_norm_rope, norm_inputs,
+             scalars={"q_eps": EPS_PLACEHOLDER, "k_eps": EPS_PLACEHOLDER_2}, extra_check=_eps_fit_op,
+             grad_variants=[("q", "k", "q_weight", "k_weight"), ("q", "k")], distinct_branches=True)
+    register(rope_only, _search_rope, _replace_rope, rope_inputs, grad_variants=[("q", "k")],
+             distinct_branches=True)
     return [fused, rope_only]
