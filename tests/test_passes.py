@@ -271,6 +271,21 @@ def test_pass_manager_uuid_hashes_every_source_file(tmp_path, monkeypatch):
     assert not unchanged, f"uuid ignores edits to {unchanged}"
 
 
+def rewritten_graphs(monkeypatch) -> list:
+    """The graphs our pass manager leaves, one per compiled graph, for tests that read the nodes."""
+    from cohere_compile.passes import manager
+
+    graphs = []
+    run_passes = manager.CoherePassManager.__call__
+
+    def spy(self, graph):
+        run_passes(self, graph)
+        graphs.append(graph)
+
+    monkeypatch.setattr(manager.CoherePassManager, "__call__", spy)
+    return graphs
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_qk_norm_rope_pairs_each_layers_q_with_its_own_k(monkeypatch, kv_heads):
     """On dynamic graphs (a tensor eps: one graph input per norm) a pattern with one eps for
@@ -281,14 +296,7 @@ def test_qk_norm_rope_pairs_each_layers_q_with_its_own_k(monkeypatch, kv_heads):
     from cohere_compile.passes import manager
 
     manager._stages("qk_norm_rope")  # build the patterns first, as in any later compile
-    graphs = []
-    run_passes = manager.CoherePassManager.__call__
-
-    def spy(self, graph):
-        run_passes(self, graph)
-        graphs.append(graph)
-
-    monkeypatch.setattr(manager.CoherePassManager, "__call__", spy)
+    graphs = rewritten_graphs(monkeypatch)
     cfg = tiny_config(True, kv_heads)
     model = make_model(cfg, torch.float32)
     ids, am = padded_inputs(seq=9, seed=3)
@@ -315,21 +323,13 @@ def test_qk_norm_rope_never_pairs_a_branch_with_itself(monkeypatch):
     multi-output match takes q's branch for k's output too (k := q: the op got q twice, this
     test failed so without the guard); DistinctBranchesPattern rejects that, so nothing is
     rewritten and the result is eager's."""
-    from cohere_compile.passes import manager
     from cohere_compile.passes.qk_norm_rope import _rotate_half
 
     def half_rotated(q, k, cos, sin):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (k * sin)
 
-    graphs = []
-    run_passes = manager.CoherePassManager.__call__
-
-    def spy(self, graph):
-        run_passes(self, graph)
-        graphs.append(graph)
-
-    monkeypatch.setattr(manager.CoherePassManager, "__call__", spy)
+    graphs = rewritten_graphs(monkeypatch)
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g),
             torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)]
