@@ -17,8 +17,9 @@ Peers, all in the same run:
 - ``ours_unmerged``: the same with ``merge_projections=False`` (not in the default peer list).
 - ``ours_no_swiglu``: the same without the swiglu pass in generate's graphs (only paged_attention),
   so Inductor can fuse silu(gate) * up into the down projection's GEMV (not in the default list).
-- ``ours_pdl``: Inductor's Programmatic Dependent Launch; ``ours_autotune``: Inductor's GEMM
-  autotuning (``max_autotune_gemm``); neither is in the default list.
+- ``ours_no_pdl``: without Inductor's Programmatic Dependent Launch (on by default in the CUDA
+  decode graph since 2026-12-03); ``ours_pdl`` turns it on in the prefill graph too;
+  ``ours_autotune``: Inductor's GEMM autotuning (``max_autotune_gemm``); none is in the default list.
 - ``ours_rope_write``: swiglu + qk_norm_rope, so each layer's RoPE (and QK norm) and its k/v cache
   write are one kernel (``cohere::qk_norm_rope_kv_write``). Since 2026-12-02 that is also
   ``cc.generate``'s own CUDA default, so on the GPU it runs the same graphs as ``ours``.
@@ -60,9 +61,9 @@ OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": Tru
                 "ours_no_swiglu": {"passes": []},
                 "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]},
                 # Programmatic Dependent Launch: each Inductor kernel's launch overlaps the tail of the
-                # kernel before it (Hopper); our own kernels launch as before. Opt-in; "ours_no_pdl"
-                # equals "ours" again (it opted out while PDL was briefly the default, 2026-12-02:
-                # decode_aya-8b_L32_b1_pdl_default.json)
+                # kernel before it (Hopper); our own kernels launch as before. The CUDA decode default
+                # since 2026-12-03, so "ours_no_pdl" opts out, and "ours_pdl" (user inductor_options
+                # reach both graphs) adds PDL to the prefill graph as well
                 "ours_pdl": {"inductor_options": {"triton.enable_pdl": True}},
                 "ours_no_pdl": {"inductor_options": {"triton.enable_pdl": False}},
                 # Inductor autotunes its matmuls against Triton templates (decode at batch > 1: the

@@ -70,12 +70,13 @@ stage() {
     decode-ragged-rope) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_rope_write \
                           --tag _ragged_rope ;;  # the fused rope + cache write, now with head-chunked launches
     decode-b1-pdl) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours,ours_pdl --tag _b1_pdl_optin ;;
-    decode-b1-rounds) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_pdl,ours_combo --rounds 3 \
-                        --tag _b1_rounds ;;  # PDL and combo kernels vs the default, interleaved rounds
+    decode-b1-rounds) python3 bench/decode.py --layers 32 --workloads b1 --peers ours,ours_no_pdl --rounds 5 \
+                        --tag _b1_rounds ;;  # PDL (default) vs without, interleaved rounds
     decode-ragged-rounds) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_autotune --rounds 3 \
                             --tag _ragged_rounds ;;
     tests-paged-ops) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k "paged_ops or repeatable" -rfE ;;
-    decode-ragged-pdl) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_pdl --tag _ragged_pdl_optin ;;
+    decode-ragged-pdl) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_no_pdl --rounds 2 \
+                         --tag _ragged_pdl_default ;;
     tests-pdl) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k pdl -rfE ;;
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;
     tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \

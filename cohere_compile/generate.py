@@ -91,15 +91,15 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
-# Decode-step Inductor defaults on CUDA: coordinate-descent tuning of the step's Triton
-# kernels measured 5.45 vs 5.92 ms per Aya-8B B1 step on the H200 (bench/results/decode_*_probe.json).
-# Not here: Inductor's Programmatic Dependent Launch ("triton.enable_pdl": each kernel starts
-# while the one before it drains). B1 decode steps were 1.2-3.4% faster with it on the H200
-# (decode_aya-8b_L32_b1_pdl{,_default}.json), but it stays opt-in (Inductor calls it
-# experimental) until an open GPU failure is understood: on 2026-12-02 two cc.generate GPU tests
-# (test_gpu_paged.py's PDL test with PDL off, test_merge_projections.py's bf16 decode) gave
-# tokens unlike their references from the first decode step, with PDL on and off alike.
-CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True}
+# Decode-step Inductor defaults on CUDA (the decode graph only; prefill keeps Inductor's own):
+# - coordinate-descent tuning of the step's Triton kernels: 5.45 vs 5.92 ms per Aya-8B B1 step
+#   on the H200 (bench/results/decode_*_probe.json);
+# - Programmatic Dependent Launch ("triton.enable_pdl", Hopper): each Inductor kernel starts while
+#   the one before it drains, which at B1 hides most of the gaps between the step's ~300 short
+#   kernels. H200, 2026-12-03, five interleaved rounds in one process
+#   (decode_aya-8b_L32_b1_rounds.json): 216.3 vs 193.5 tok/s decode steps (4.62 vs 5.17 ms).
+#   ``inductor_options={"triton.enable_pdl": False}`` opts out.
+CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True, "triton.enable_pdl": True}
 
 # Passes generate adds on CUDA to those cc.optimize chose, unless the caller picks its own:
 # qk_norm_rope, so that each layer's RoPE (and QK norm) and its k/v cache write become one kernel

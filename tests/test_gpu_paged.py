@@ -104,15 +104,15 @@ def test_generate_matches_hf_greedy_on_cuda(use_qk_norm, kv_heads):
 
 @pytest.mark.parametrize("pdl", [False, True])
 def test_generate_with_and_without_pdl_matches_hf_greedy_on_cuda(pdl):
-    """Inductor's Programmatic Dependent Launch (opt-in through ``inductor_options``; 1-3% faster
-    B1 decode steps on the H200) and without it, on a batch where a third prompt joins a
-    two-row cache. Open (2026-12-02): PDL on passed twice; PDL on (as the default then) and PDL
+    """Inductor's Programmatic Dependent Launch (the CUDA decode default since 2026-12-03;
+    ``inductor_options={"triton.enable_pdl": False}`` opts out) on and off, on a batch where a
+    third prompt joins a two-row cache. Open (2026-12-02): PDL on passed twice; PDL on and PDL
     off each failed once, their tokens unlike HF's from the first decode step; every re-run on a
-    later lease passed (bench/results/logs/generate_gpu_rerun_2026-12-02b.log)."""
+    later lease passed (bench/results/logs/generate_gpu_rerun_2026-12-02b.log, gpu_tests_2026-12-03.log)."""
     import cohere_compile as cc
     from cohere_compile.generate import CUDA_DECODE_INDUCTOR
 
-    assert "triton.enable_pdl" not in CUDA_DECODE_INDUCTOR
+    assert CUDA_DECODE_INDUCTOR["triton.enable_pdl"] is True
     model, prompts, refs = _hf_greedy_case(True, 2, (9, 130, 40), 24, prompt_seed=2)
     got = cc.generate(model, prompts, 24, stop_tokens=(), block_size=64, max_batch_size=2,
                       inductor_options={"triton.enable_pdl": pdl})
