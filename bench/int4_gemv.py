@@ -5,8 +5,12 @@ both ways with the same math (asymmetric groups of --group-size). Each call is t
 CUDA graph (``bench.common.cuda_graph_time_s``: no launch overhead, as in a graph-captured decode
 step); reported: median us per call and achieved GB/s of the bytes a call must read (our packed
 weights + scales + zeros + x; torchao's packed tensor + scales/zeros + x; the bf16 weight + x).
-``--sweep`` also times our kernel over a small grid of launch knobs (BLOCK_N, BLOCK_K, SPLIT_K,
-num_warps, num_stages) and reports the best per shape, to pick the defaults.
+``ours`` is what ``cohere::int4_linear`` runs: at M = 1 the word-wise kernel
+(``kernels/int4_gemv_m1.py``), else the row kernel (``kernels/int4_gemv.py``); at M = 1
+``ours_rows`` also times the row kernel, the op's M = 1 path before 2026-12-03.
+``--sweep`` also times our kernel over a small grid of launch knobs (at M = 1 the word-wise
+kernel's BLOCK_N, BLOCK_K, SPLIT_K, num_warps, prefetch; else the row kernel's) and reports the
+best per shape, to pick the defaults.
 
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/int4_gemv.py                 # Aya shapes, M=1
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/int4_gemv.py --m 1,4,16 --sweep
@@ -34,6 +38,9 @@ SWEEP = dict(block_n=(8, 16, 32), block_k=(256, 512, 1024), split_k=(None, 1), n
              reduce_at_end=(None, False))
 SWEEP_WIDE = dict(block_n=(4, 8, 16, 32, 64), block_k=(128, 256, 512, 1024), split_k=(None, 1, 2, 4),
                   num_warps=(2, 4, 8), num_stages=(1, 2, 3), reduce_at_end=(None, False))
+SWEEP_M1 = dict(block_n=(16, 32, 64, 128, 256), block_k=(128, 256, 512), split_k=(None, 1), num_warps=(4, 8),
+                prefetch=(True, False))
+SWEEP_M1_TINY = dict(block_n=(16, 32), block_k=(128,), split_k=(None, 1), num_warps=(4,), prefetch=(True, False))
 SWEEP_TINY = dict(block_n=(16,), block_k=(128, 256), split_k=(None, 1), num_warps=(4,), num_stages=(2,),
                   reduce_at_end=(None, False))
 
@@ -51,6 +58,8 @@ def nbytes(*tensors) -> int:
 
 def bench_shape(name, n, k, m, args, device) -> dict:
     from cohere_compile.kernels.int4_gemv import int4_gemv
+    from cohere_compile.kernels.int4_gemv_m1 import auto_split_k as m1_auto_split_k
+    from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1
     from cohere_compile.quant import int4_config, quantize_int4
 
     dtype = torch.bfloat16
@@ -72,6 +81,9 @@ def bench_shape(name, n, k, m, args, device) -> dict:
     ours_bytes = nbytes(packed, scales, zeros, x)
     record("ours", lambda: torch.ops.cohere.int4_linear(x, packed, scales, zeros, args.group_size),
            lambda: (packed, scales, zeros, x))
+    if m == 1:
+        record("ours_rows", lambda: int4_gemv(x, packed, scales, zeros, args.group_size),
+               lambda: (packed, scales, zeros, x))
     if not args.no_torchao:
         from torchao.quantization import quantize_
 
@@ -87,15 +99,20 @@ def bench_shape(name, n, k, m, args, device) -> dict:
             record("torchao", lambda: lin(x), lambda: (lin.weight, x))
     record("bf16_mm", lambda: torch.mm(x, w.t()), lambda: (w, x))
     if args.sweep:
-        grid = SWEEP_TINY if args.tiny else SWEEP_WIDE if args.sweep_wide else SWEEP
+        if m == 1:
+            grid, fn = (SWEEP_M1_TINY if args.tiny else SWEEP_M1), int4_gemv_m1
+        else:
+            grid, fn = (SWEEP_TINY if args.tiny else SWEEP_WIDE if args.sweep_wide else SWEEP), int4_gemv
         best = None
         res["sweep"] = []
         for values in itertools.product(*grid.values()):
             knobs = dict(zip(grid, values))
             if m > 1 and knobs["reduce_at_end"] is False:
                 continue  # the same kernel as None for M > 1
+            if m == 1 and knobs["split_k"] == 1 and m1_auto_split_k(-(-n // knobs["block_n"]), 2) == 1:
+                continue  # auto split is 1 here too: the same launch as split_k=None
             try:
-                s = time_s(lambda: int4_gemv(x, packed, scales, zeros, args.group_size, **knobs), device, args.calls)
+                s = time_s(lambda: fn(x, packed, scales, zeros, args.group_size, **knobs), device, args.calls)
             except Exception as e:  # noqa: BLE001  (e.g. out of shared memory for a large tile)
                 res["sweep"].append({**knobs, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
@@ -104,7 +121,7 @@ def bench_shape(name, n, k, m, args, device) -> dict:
             if best is None or entry["us"] < best["us"]:
                 best = entry
         res["best"] = best
-    for peer in ("torchao", "bf16_mm"):
+    for peer in ("torchao", "bf16_mm", "ours_rows"):
         if "us" in res.get("ours", {}) and "us" in res.get(peer, {}):
             res[f"speedup_vs_{peer}"] = res[peer]["us"] / res["ours"]["us"]
     return res
@@ -112,9 +129,9 @@ def bench_shape(name, n, k, m, args, device) -> dict:
 
 def table(results: dict, copy_gbs: float) -> str:
     lines = [f"device copy: {copy_gbs:.0f} GB/s (read + write)",
-             "| shape | N x K | M | ours us | ours GB/s | torchao us | torchao GB/s | bf16 us | bf16 GB/s | "
-             "ours vs torchao | ours vs bf16 | best sweep (us, knobs) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| shape | N x K | M | ours us | ours GB/s | row kernel us | row kernel GB/s | torchao us | torchao GB/s "
+             "| bf16 us | bf16 GB/s | ours vs torchao | ours vs bf16 | ours vs row kernel | best sweep (us, knobs) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def cell(r, key):
         return (f"{r[key]['us']:.1f} | {r[key]['gbs']:.0f}" if "us" in r.get(key, {}) else "FAILED | -") \
@@ -122,12 +139,12 @@ def table(results: dict, copy_gbs: float) -> str:
 
     for label, r in results.items():
         best = r.get("best")
-        best_s = (f"{best['us']:.1f} (bn={best['block_n']} bk={best['block_k']} sk={best['split_k']} "
-                  f"w={best['num_warps']} s={best['num_stages']} end={best['reduce_at_end']})") if best else "-"
+        knobs = {k: v for k, v in (best or {}).items() if k not in ("us", "gbs")}
+        best_s = f"{best['us']:.1f} ({' '.join(f'{k}={v}' for k, v in knobs.items())})" if best else "-"
         ratios = " | ".join(f"{r[f'speedup_vs_{p}']:.2f}x" if f"speedup_vs_{p}" in r else "-"
-                            for p in ("torchao", "bf16_mm"))
+                            for p in ("torchao", "bf16_mm", "ours_rows"))
         lines.append(f"| {label.rsplit('_M', 1)[0]} | {r['n']} x {r['k']} | {r['m']} | {cell(r, 'ours')} | "
-                     f"{cell(r, 'torchao')} | {cell(r, 'bf16_mm')} | {ratios} | {best_s} |")
+                     f"{cell(r, 'ours_rows')} | {cell(r, 'torchao')} | {cell(r, 'bf16_mm')} | {ratios} | {best_s} |")
     return "\n".join(lines)
 
 
@@ -167,7 +184,7 @@ def main(argv=None):
         for label, (n, k) in shapes.items():
             r = bench_shape(label, n, k, m, args, device)
             res["shapes"][f"{label}_M{m}"] = r
-            print(f"{label} M={m}: " + ", ".join(f"{p} {r[p]['us']:.1f} us" for p in ("ours", "torchao", "bf16_mm")
+            print(f"{label} M={m}: " + ", ".join(f"{p} {r[p]['us']:.1f} us" for p in ("ours", "ours_rows", "torchao", "bf16_mm")
                                                  if "us" in r.get(p, {})), flush=True)
             write_json(name, res)  # a run cut short keeps the shapes done so far
             if device.type == "cuda":

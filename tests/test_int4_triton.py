@@ -11,7 +11,9 @@ import transformers
 
 import cohere_compile as cc
 from cohere_compile.colocate import ensure_colocated
+from cohere_compile.kernels import int4_gemv_m1 as m1
 from cohere_compile.kernels.int4_gemv import MAX_M, auto_split_k, int4_gemv
+from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1
 from cohere_compile.ops import int4 as int4_ops
 from cohere_compile.ops.int4 import dequantize_int4, pack_int4, unpack_int4
 from cohere_compile.passes import PASS_NAMES
@@ -61,6 +63,52 @@ def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k,
     err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
     # fp32: the folded scale/zero sums lose a few bits (~1e-6 measured); a wrong nibble or group costs ~1e-1
     assert err < (2e-5 if dtype == torch.float32 else 8e-3), err
+
+
+@pytest.mark.parametrize("n,k,group_size,block_n,block_k,split_k,prefetch,dtype", [
+    (37, 192, 32, 16, 64, 1, True, torch.float32),  # N not a multiple of BLOCK_N, a partial last step
+    (37, 192, 32, 16, 64, 1, False, torch.float32),
+    (64, 256, 64, 32, 128, None, True, torch.float32),  # auto split-K (2 column blocks)
+    (70, 384, 128, 32, 128, 2, True, torch.bfloat16),  # 3 steps over 2 slices, the last one shorter
+    (50, 512, 8, 16, 64, 3, True, torch.float32),  # one-word groups
+    (128, 1024, 128, 64, 256, 1, False, torch.bfloat16),  # every mask compiled out (EVEN)
+    (21, 256, 256, 8, 128, None, False, torch.float16),  # block_k raised to the group
+])
+def test_m1_kernel_matches_float64_reference(n, k, group_size, block_n, block_k, split_k, prefetch, dtype):
+    packed, scales, zeros = random_layer(n, k, group_size, dtype, seed=n)
+    x = torch.randn(1, k).to(dtype)
+    out = int4_gemv_m1(x, packed, scales, zeros, group_size, block_n=block_n, block_k=block_k, split_k=split_k,
+                       prefetch=prefetch)
+    assert out.dtype == dtype and out.shape == (1, n)
+    # each nibble sits 4 bits below 1.0's leading bit, so fp32 keeps ~19 bits of x * q (1e-6 measured)
+    err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
+    assert err < (2e-5 if dtype == torch.float32 else 8e-3), err
+
+
+def test_op_runs_the_word_kernel_for_one_row_only(monkeypatch):
+    """One row (and groups of >= 8) takes the word-wise kernel; more rows, or 4-wide groups (a group
+    is not whole int32 words), the row kernel; both agree with the reference."""
+    calls = []
+    for name, mod in (("m1", m1), ("rows", int4_ops.kernel)):
+        fn = getattr(mod, "int4_gemv_m1" if name == "m1" else "int4_gemv")
+        monkeypatch.setattr(mod, fn.__name__, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    for rows, group_size, expect in (((1,), 32, "m1"), ((1, 1), 32, "m1"), ((2,), 32, "rows"), ((1,), 4, "rows")):
+        packed, scales, zeros = random_layer(24, 64, group_size, torch.float32, seed=group_size)
+        x = torch.randn(*rows, 64)
+        out = torch.ops.cohere.int4_linear(x, packed, scales, zeros, group_size)
+        assert calls[-1] == expect, (rows, group_size, calls)
+        ref = reference_matmul(x.reshape(-1, 64), packed, scales, zeros, group_size).view(*rows, 24)
+        assert rel_err(out, ref) < 2e-5
+    unaligned = torch.empty(24 * 32 + 1, dtype=torch.uint8)[1:].view(24, 32)  # not 4-byte aligned: rows kernel
+    assert not m1.supports(torch.randn(1, 64), unaligned, 32)
+    with pytest.raises(ValueError, match="needs one row"):
+        int4_gemv_m1(torch.randn(2, 64), *random_layer(24, 64, 32, torch.float32), 32)
+
+
+def test_m1_auto_split_k_only_for_few_column_blocks():
+    assert m1.auto_split_k(n_blocks=16, steps=16) == 16  # k/v proj at BLOCK_N=64: 16 blocks, 264 programs wanted
+    assert m1.auto_split_k(n_blocks=224, steps=32) == 1  # gate/up already fills the GPU
+    assert m1.auto_split_k(n_blocks=2, steps=3) == 3  # never more slices than steps
 
 
 SM90_COMPILE = r"""
@@ -116,6 +164,69 @@ def test_kernel_compiles_for_sm90_with_vector_loads():
         assert "ld.global.b8" not in r["loads"] and "ld.global.u8" not in r["loads"], (m, sorted(set(r["loads"])))
         assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
         assert not r["int_to_float"], (m, r["int_to_float"][:4])
+
+
+M1_SM90_COMPILE = r"""
+import inspect, json, os, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1, int4_gemv_m1_kernel
+
+default = {k: p.default for k, p in inspect.signature(int4_gemv_m1).parameters.items()}
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
+       "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32", "magic": "i32"}
+const = dict(GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"], EVEN=True,
+             PREFETCH=default["prefetch"])
+sig.update({k: "constexpr" for k in const})
+names = list(sig)
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:10]}  # Aya shapes: all divisible by 16
+src = ASTSource(fn=int4_gemv_m1_kernel, signature=sig, attrs=attrs,
+                constexprs={(names.index(k),): v for k, v in const.items()})
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": default["num_warps"], "num_stages": 1})
+ptx = kernel.asm["ptx"]
+with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+    f.write(ptx)
+info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                      capture_output=True, text=True)
+with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+    f.write(kernel.asm["cubin"])
+sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+lines = sass.splitlines()
+loops = []  # (label line, backward branch line) of each loop
+for i, line in enumerate(lines):
+    m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+    if m:
+        loops += [(j, i) for j in range(i) if lines[j].startswith(m.group(1) + ":")]
+start, end = max(loops, key=lambda p: p[1] - p[0])
+body = [l for l in lines[start:end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", l)]
+weights_per_thread = const["BLOCK_N"] * const["BLOCK_K"] / (32 * default["num_warps"])
+print(json.dumps({"loads": re.findall(r"ld\.global[.\w]*", ptx), "ptxas": info.stderr + info.stdout,
+                  "rc": info.returncode, "int_to_float": re.findall(r"cvt\.rn\.f32\.[us]\d+", ptx),
+                  "per_weight": len(body) / weights_per_thread}))
+"""
+
+
+def test_m1_kernel_spends_few_instructions_per_weight_on_sm90():
+    """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
+    ~8 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay at most 5
+    SASS instructions per weight (4.2 at the defaults when written), read the words with 16-byte
+    loads, use no int-to-float conversions and not spill."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", M1_SM90_COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["rc"] == 0, r["ptxas"]
+    assert "ld.global.v4.b32" in r["loads"], sorted(set(r["loads"]))
+    assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
+    assert not r["int_to_float"], r["int_to_float"][:4]
+    assert r["per_weight"] <= 5.0, r["per_weight"]
 
 
 def test_auto_split_k_fills_the_gpu_only_when_needed():
@@ -307,6 +418,22 @@ def test_gpu_kernel_at_aya_shapes(n, k, m):
         out = int4_gemv(x, packed, scales, zeros, 128, split_k=split_k, reduce_at_end=reduce_at_end)
         err = rel_err(out, ref)
         assert out.dtype == torch.bfloat16 and err < 8e-3, (split_k, reduce_at_end, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", AYA)
+def test_gpu_m1_kernel_at_aya_shapes(n, k):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    packed, scales, zeros = quantize_int4(w, 128)
+    x = torch.randn(1, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    ref = x.double() @ dequantize_int4(packed, scales, zeros, 128).double().t()
+    for knobs in ({}, {"split_k": 1}, {"split_k": 4, "prefetch": False}, {"block_n": 16, "block_k": 512},
+                  {"block_n": 256, "block_k": 128, "num_warps": 8}):
+        out = int4_gemv_m1(x, packed, scales, zeros, 128, **knobs)
+        err = rel_err(out, ref)
+        assert out.dtype == torch.bfloat16 and err < 8e-3, (knobs, err)
+    assert rel_err(torch.ops.cohere.int4_linear(x, packed, scales, zeros, 128), ref) < 8e-3
 
 
 @pytest.mark.gpu

@@ -7,8 +7,10 @@ Layout (what ``cohere_compile.quant.int4_triton`` writes and the kernel reads):
   ``W[n, k] = (q[n, k] - 8) * scales[n, k // group_size] + zeros[n, k // group_size]`` (fp32 math),
   which is torchao's tinygemm dequantization (zero point in the float domain).
 
-Paths: rows M = x.numel() / K <= 16 on CUDA (and on CPU under TRITON_INTERPRET=1) run the
-Triton GEMV (``kernels/int4_gemv.py``); more rows (prefill) dequantize W to x's dtype, 8192
+Paths: one row (batch-1 decode) on CUDA (and on CPU under TRITON_INTERPRET=1) runs the
+word-wise GEMV ``kernels/int4_gemv_m1.py`` where its layout needs hold (groups of >= 8, a
+contiguous packed weight), else, and for rows M = x.numel() / K <= 16, the Triton GEMV
+``kernels/int4_gemv.py``; more rows (prefill) dequantize W to x's dtype, 8192
 output features at a time, and call ``torch.mm`` inside the op (correct, not fast: the weight is
 materialised once per call); CPU without the interpreter computes the fp32 reference below.
 """
@@ -16,6 +18,7 @@ materialised once per call); CPU without the interpreter computes the fp32 refer
 import torch
 
 from ..kernels import int4_gemv as kernel
+from ..kernels import int4_gemv_m1 as kernel_m1
 from ._dispatch import check_inputs, use_triton
 
 MID = 8  # tinygemm's mid point: (quant_min + quant_max + 1) / 2 for 0..15
@@ -86,7 +89,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     check_layout("cohere::int4_linear", x, packed, scales, zeros, group_size)
     n, k = packed.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if use_triton(x) and 1 <= x2.shape[0] <= kernel.MAX_M:
+    if use_triton(x) and kernel_m1.supports(x2, packed, group_size):
+        out = kernel_m1.int4_gemv_m1(x2, packed, scales, zeros, group_size)
+    elif use_triton(x) and 1 <= x2.shape[0] <= kernel.MAX_M:
         out = kernel.int4_gemv(x2, packed, scales, zeros, group_size)
     else:
         out = dequantize_matmul(x2, packed, scales, zeros, group_size)

@@ -1,0 +1,169 @@
+"""int4 weight-only GEMV for one row of x (batch-1 decode): ``out[n] = sum_k x[k] * W[n, k]``.
+
+Same weight layout as ``int4_gemv.py`` (``ops/int4.py``): ``packed`` uint8 ``[N, K // 2]``
+(byte ``j``: ``q[2j]`` low nibble, ``q[2j + 1]`` high nibble), ``scales`` / ``zeros``
+``[N, K // G]``, ``W = (q - 8) * scale + zero``. This kernel reads ``packed`` as int32 words
+(``packed.view(torch.int32)``, 8 nibbles each; little-endian, so nibble ``i`` of word ``j`` is
+``q[8j + i]``) and is written to spend as few instructions per weight as it can, because the
+first kernel's ~8 instructions per weight (SASS of its K loop) capped it near 1.6 TB/s on the
+H200, below tinygemm. Here a weight costs three: a shift and one LOP3 turn nibble ``i`` into the
+fp32 ``c = 1 + q / 16`` (the nibble moved to the top of 1.0's mantissa; the OR constant comes in
+as the runtime argument ``magic`` so that ptxas can fold mask and OR into one LOP3), and one
+FFMA accumulates ``x * c``. Scales and zeros are applied once per group and row:
+``sum_{k in g} x W = 16 s_g * sum x c + (z_g - 24 s_g) * sum x``.
+
+Tile: ``[BLOCK_N, BLOCK_K // G, G // 8]`` words per loop step; the x values of a step are loaded
+once per program and reused by all the rows a thread holds, so large ``BLOCK_N`` amortizes them.
+``PREFETCH`` loads the next step's words (and scales, zeros, x) before computing the current one,
+to keep more bytes in flight per thread. ``SPLIT_K > 1`` writes fp32 partials ``[SPLIT_K, N]``
+summed by the launcher (deterministic, no atomics).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MAGIC_ONE = 0x3F800000  # fp32 1.0
+SM_COUNT_GUESS = 132  # H200; only used to decide when to split K (few column blocks)
+
+
+@triton.jit
+def _code(w, w_hi, magic, i: tl.constexpr):
+    """Nibble ``i`` of int32 words -> fp32 ``1 + q / 16``. ``w_hi = w >> 16`` holds nibbles 4..7
+    in its low half, so every nibble is one left shift (IMAD.SHL or SHF) and one LOP3 away."""
+    if i < 4:
+        v = w << (19 - 4 * i)
+    else:
+        v = w_hi << (19 - 4 * (i - 4))
+    return ((v & 0x00780000) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG: tl.constexpr, WPG: tl.constexpr,
+               EVEN: tl.constexpr):
+    """Words ``[BLOCK_N, NG, WPG]``, x ``[NG, WPG, 8]`` (fp32), scales and zeros ``[BLOCK_N, NG]``
+    of loop step ``c``."""
+    g_idx = c * NG + tl.arange(0, NG)
+    word = g_idx[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG] word index along the row
+    xp = x_ptr + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    sp = sz_rows + g_idx[None, :]
+    if EVEN:
+        w = tl.load(w_rows + word[None, :, :])
+        x = tl.load(xp).to(tl.float32)
+        s = tl.load(s_ptr + sp).to(tl.float32)
+        z = tl.load(z_ptr + sp).to(tl.float32)
+    else:
+        g_ok = g_idx < k_groups  # a partial last step, or steps past K in the last split
+        w = tl.load(w_rows + word[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+        x = tl.load(xp, mask=g_ok[:, None, None], other=0.0).to(tl.float32)
+        sz_ok = n_ok[:, None] & g_ok[None, :]
+        s = tl.load(s_ptr + sp, mask=sz_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sp, mask=sz_ok, other=0.0).to(tl.float32)
+    return w, x, s, z
+
+
+@triton.jit
+def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
+    """This step's contribution ``[BLOCK_N, NG]`` (per row and group)."""
+    w_hi = w >> 16
+    # x [NG, WPG, 8] -> x_i [NG, WPG] for nibble i (k = 8 * word + i); splits peel the last dim's bits
+    xa, xb = tl.split(tl.reshape(x, (NG, WPG, 2, 2, 2)))  # i & 1
+    xa0, xa1 = tl.split(xa)  # bit 1 of i (even i)
+    xb0, xb1 = tl.split(xb)
+    x0, x4 = tl.split(xa0)
+    x2, x6 = tl.split(xa1)
+    x1, x5 = tl.split(xb0)
+    x3, x7 = tl.split(xb1)
+    p = _code(w, w_hi, magic, 0) * x0[None] + _code(w, w_hi, magic, 1) * x1[None] \
+        + _code(w, w_hi, magic, 2) * x2[None] + _code(w, w_hi, magic, 3) * x3[None] \
+        + _code(w, w_hi, magic, 4) * x4[None] + _code(w, w_hi, magic, 5) * x5[None] \
+        + _code(w, w_hi, magic, 6) * x6[None] + _code(w, w_hi, magic, 7) * x7[None]
+    xc = tl.sum(p, axis=2)  # [BLOCK_N, NG]: sum over the group of x * c
+    xs = tl.sum(tl.sum(x, axis=2), axis=1)  # [NG]: sum over the group of x
+    return (16.0 * s) * xc + (z - 24.0 * s) * xs[None, :]
+
+
+@triton.jit
+def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_os, STEPS_PER_SPLIT,
+                        magic, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EVEN: tl.constexpr, PREFETCH: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP  # groups per step
+    WPG: tl.constexpr = GROUP // 8  # int32 words per group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_groups = K // GROUP
+    # row strides as arguments (in words / elements): Triton then knows their alignment (16-byte loads)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn
+    sz_rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    c0 = pid_k * STEPS_PER_SPLIT
+    if PREFETCH:
+        w, x, s, z = _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c0, n_ok, k_groups, NG, WPG, EVEN)
+        for c in range(c0, c0 + STEPS_PER_SPLIT):
+            # the next step (the last one again at the end: a redundant, harmless read)
+            c_next = tl.minimum(c + 1, c0 + STEPS_PER_SPLIT - 1)
+            w_n, x_n, s_n, z_n = _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG,
+                                            EVEN)
+            acc += _step(w, x, s, z, magic, NG, WPG)
+            w, x, s, z = w_n, x_n, s_n, z_n
+    else:
+        for c in range(c0, c0 + STEPS_PER_SPLIT):
+            w, x, s, z = _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG, WPG, EVEN)
+            acc += _step(w, x, s, z, magic, NG, WPG)
+    out = tl.sum(acc, axis=1)
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def supports(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
+    """One row, groups of >= 8 (a group is whole int32 words) and a packed tensor that can be
+    viewed as int32 rows (contiguous, 4-byte aligned)."""
+    k = x.shape[-1]
+    return (x.numel() == k and group_size >= 8 and k % 8 == 0 and packed.is_contiguous()
+            and packed.data_ptr() % 4 == 0)
+
+
+def auto_split_k(n_blocks: int, steps: int) -> int:
+    """Split K only when the column blocks leave most SMs idle (k/v projections at large BLOCK_N)."""
+    if n_blocks >= SM_COUNT_GUESS:
+        return 1
+    return max(1, min(steps, triton.cdiv(2 * SM_COUNT_GUESS, n_blocks)))
+
+
+def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 block_n: int = 64, block_k: int = 256, split_k: int | None = None, num_warps: int = 4,
+                 prefetch: bool = True) -> torch.Tensor:
+    """``x [1, K] @ dequant(W)^T -> [1, N]`` in x's dtype (inputs checked by the op; ``supports``
+    must hold). Knobs: ``block_n`` rows per program, ``block_k`` weights along K per loop step
+    (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``.
+    Defaults: placeholders until ``bench/int4_gemv.py --sweep`` picks them on the H200."""
+    if not supports(x, packed, group_size):
+        raise ValueError(f"int4_gemv_m1: needs one row, group_size >= 8 and a contiguous 4-byte aligned packed "
+                         f"weight; got x {tuple(x.shape)}, group_size={group_size}, packed contiguous="
+                         f"{packed.is_contiguous()}")
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"int4_gemv_m1: {name}={v} must be a power of two")
+    k = x.shape[-1]
+    n = packed.shape[0]
+    x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
+    words = packed.view(torch.int32)  # [N, K // 8]
+    block_k = max(block_k, group_size)
+    n_blocks = triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_k)
+    split = auto_split_k(n_blocks, steps) if split_k is None else int(split_k)
+    if split < 1:
+        raise ValueError(f"int4_gemv_m1: split_k={split_k} must be >= 1")
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)  # no empty slices
+    even = n % block_n == 0 and k % block_k == 0 and steps % per_split == 0
+    out = torch.empty((split, n) if split > 1 else (1, n), dtype=torch.float32 if split > 1 else x.dtype,
+                      device=x.device)
+    if n:
+        int4_gemv_m1_kernel[(n_blocks, split)](
+            x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE,
+            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=bool(prefetch),
+            num_warps=num_warps, num_stages=1,
+        )
+    return out if split == 1 else out.sum(0, keepdim=True).to(x.dtype)
