@@ -57,6 +57,8 @@ stage() {
     hf-generate) python3 bench/hf_generate.py --layers 32 --batch 1 --repeats 2 ;;
     paged-kernel) python3 bench/paged_kernel.py ;;
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
+    int4-gemv-m1) python3 bench/int4_gemv.py --m 1 --sweep --out int4_gemv_m1_aya-8b_cuda.json ;;  # the word-wise kernel's knobs
+    tests-int4) python3 -m pytest -q -m gpu tests/test_int4_triton.py -rfE ;;
     prefill) python3 bench/prefill.py --try swiglu,attention ;;  # (--ablation: ~18 variants, B1 alone fills a call)
     prefill-plus-b1|prefill-plus-b4)  # does adding layer_norm, qk_norm_rope or merged projections to the default pay?
       python3 bench/prefill.py --batches "${1: -1}" --no-all --try causal_attention,swiglu,+merged \

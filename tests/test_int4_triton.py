@@ -167,13 +167,15 @@ def test_kernel_compiles_for_sm90_with_vector_loads():
 
 
 M1_SM90_COMPILE = r"""
-import inspect, json, os, re, subprocess, tempfile
+import json, os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1, int4_gemv_m1_kernel
+from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1_kernel
 
-default = {k: p.default for k, p in inspect.signature(int4_gemv_m1).parameters.items()}
+import sys
+from cohere_compile.kernels import int4_gemv_m1 as m1
+default = getattr(m1, sys.argv[1])  # the LARGE or SMALL launch knobs
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
        "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32", "magic": "i32"}
@@ -208,25 +210,28 @@ print(json.dumps({"loads": re.findall(r"ld\.global[.\w]*", ptx), "ptxas": info.s
 """
 
 
-def test_m1_kernel_spends_few_instructions_per_weight_on_sm90():
+@pytest.mark.parametrize("knobs,budget", [("LARGE", 4.5), ("SMALL", 6.0)])
+def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, budget):
     """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
-    ~8 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay at most 5
-    SASS instructions per weight (4.2 at the defaults when written), read the words with 16-byte
-    loads, use no int-to-float conversions and not spill."""
+    ~8.2 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay within
+    ``budget`` SASS instructions per weight (when written: 4.1 with the LARGE knobs, the
+    bandwidth-bound shapes; 5.4 with SMALL's 16 rows per program, which reuse x less), read the
+    words with 16-byte loads, use no int-to-float conversions and not spill."""
     import json
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", M1_SM90_COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", M1_SM90_COMPILE, knobs], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     assert r["rc"] == 0, r["ptxas"]
     assert "ld.global.v4.b32" in r["loads"], sorted(set(r["loads"]))
     assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
     assert not r["int_to_float"], r["int_to_float"][:4]
-    assert r["per_weight"] <= 5.0, r["per_weight"]
+    assert r["per_weight"] <= budget, r["per_weight"]
 
 
 def test_auto_split_k_fills_the_gpu_only_when_needed():

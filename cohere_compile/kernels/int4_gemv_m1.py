@@ -131,22 +131,40 @@ def auto_split_k(n_blocks: int, steps: int) -> int:
     return max(1, min(steps, triton.cdiv(2 * SM_COUNT_GUESS, n_blocks)))
 
 
+# Launch knobs by weight shape, from the H200 sweep (bench/int4_gemv.py --sweep, JSON
+# int4_gemv_m1_aya-8b_cuda.json; us per call in a CUDA graph at Aya-8B shapes). Large weights want
+# many rows per program (x reused across them: 4.2 SASS instructions per weight) and prefetch;
+# small ones are latency-bound and want many programs (16 rows each).
+LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True)  # LM head 193.6, down 17.8, gate/up 18.5
+SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False)  # q/o 8.1, k/v 6.3
+LARGE_FROM = 8192  # N or K at least this: LARGE
+
+
+def default_knobs(n: int, k: int) -> dict:
+    return dict(LARGE if max(n, k) >= LARGE_FROM else SMALL)
+
+
 def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 block_n: int = 64, block_k: int = 256, split_k: int | None = None, num_warps: int = 4,
-                 prefetch: bool = True) -> torch.Tensor:
+                 block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+                 num_warps: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """``x [1, K] @ dequant(W)^T -> [1, N]`` in x's dtype (inputs checked by the op; ``supports``
     must hold). Knobs: ``block_n`` rows per program, ``block_k`` weights along K per loop step
-    (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``.
-    Defaults: placeholders until ``bench/int4_gemv.py --sweep`` picks them on the H200."""
+    (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``;
+    any left None comes from ``default_knobs``."""
     if not supports(x, packed, group_size):
         raise ValueError(f"int4_gemv_m1: needs one row, group_size >= 8 and a contiguous 4-byte aligned packed "
                          f"weight; got x {tuple(x.shape)}, group_size={group_size}, packed contiguous="
                          f"{packed.is_contiguous()}")
+    k = x.shape[-1]
+    n = packed.shape[0]
+    default = default_knobs(n, k)
+    block_n = default["block_n"] if block_n is None else block_n
+    block_k = default["block_k"] if block_k is None else block_k
+    num_warps = default["num_warps"] if num_warps is None else num_warps
+    prefetch = default["prefetch"] if prefetch is None else prefetch
     for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"int4_gemv_m1: {name}={v} must be a power of two")
-    k = x.shape[-1]
-    n = packed.shape[0]
     x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
     words = packed.view(torch.int32)  # [N, K // 8]
     block_k = max(block_k, group_size)
