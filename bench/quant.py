@@ -39,10 +39,13 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
 # int4_cohere: + our default passes (cc backend); *_generate: cc.optimize + cc.generate (our
 # paged cache and CUDA-graph decode step), decode steps only; int4_triton_generate: the same with
 # cc.optimize(..., int4_kernel="triton") (our int4 GEMV instead of torchao's tinygemm);
+# (on CUDA cc.generate runs each layer's five co-located int4 projections as one GEMV);
+# int4_triton_unmerged_generate: the same with merge_projections=False (five GEMVs per layer);
 # int4_gemlite_generate: int4_kernel="gemlite" (torchao's gemlite-backed tensors; needs gemlite)
 DECODE_VARIANTS = ("bf16", "int4", "int4_cohere", "bf16_generate", "int4_generate", "int4_triton_generate",
-                   "int4_gemlite_generate")
-INT4_KERNEL_OF = {"int4_triton_generate": "triton", "int4_gemlite_generate": "gemlite"}  # others: torchao
+                   "int4_triton_unmerged_generate", "int4_gemlite_generate")
+INT4_KERNEL_OF = {"int4_triton_generate": "triton", "int4_triton_unmerged_generate": "triton",
+                  "int4_gemlite_generate": "gemlite"}  # others: torchao
 # *_cohere: cc.optimize(regional, training rewrites, + fused loss) instead of plain torch.compile
 TRAIN_VARIANTS = ("bf16_lora", "qlora_nf4", "qlora_nf4_cohere")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,7 +182,7 @@ def decode(model, args, cohere: bool = False) -> dict:
     return decode_result(model, args, [t / (N - 1) * 1e3 for t in times], first.s, tokens)
 
 
-def decode_generate(model, args) -> dict:
+def decode_generate(model, args, **generate_kwargs) -> dict:
     """cc.generate on the already-optimized model: median decode-step time (prefill excluded)."""
     import cohere_compile as cc
 
@@ -187,11 +190,11 @@ def decode_generate(model, args) -> dict:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, model.config.vocab_size, (P,), generator=g) for _ in range(B)]
     with Timer(args.device) as first:
-        cc.generate(model, prompts, N, stop_tokens=())
+        cc.generate(model, prompts, N, stop_tokens=(), **generate_kwargs)
     step_ms, tokens = [], None
     for _ in range(args.repeats):
         stats = {}
-        tokens = torch.tensor(cc.generate(model, prompts, N, stop_tokens=(), stats=stats))
+        tokens = torch.tensor(cc.generate(model, prompts, N, stop_tokens=(), stats=stats, **generate_kwargs))
         step_ms.append(1e3 * stats["decode_s"] / stats["decode_steps"])
     return decode_result(model, args, step_ms, first.s, tokens)
 
@@ -211,8 +214,9 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
                 kernel = INT4_KERNEL_OF.get(variant, "torchao")
                 if kernel == "gemlite":
                     model.half()  # torchao's gemlite tensors compute in fp16 (same bytes as bf16)
+                extra = {"merge_projections": False} if "unmerged" in variant else {}
                 r = decode_generate(cc.optimize(model, quantize=quantize, group_size=args.group_size,
-                                                int4_kernel=kernel), args)
+                                                int4_kernel=kernel), args, **extra)
                 print(f"decode {variant}: {r['tokens_per_s']:.1f} tok/s", flush=True)
                 return r
             if variant.startswith("int4"):
@@ -317,6 +321,9 @@ def table(res: dict) -> str:
         if "int4_triton_vs_bf16_generate" in d:
             lines.append(f"int4 (our Triton GEMV) / bf16 = {d['int4_triton_vs_bf16_generate']:.2f}x (goal >= 2.2x), "
                          f"cc.generate")
+        if "int4_triton_unmerged_vs_bf16_generate" in d:
+            lines.append(f"int4 (our Triton GEMV, five GEMVs per layer) / bf16 = "
+                         f"{d['int4_triton_unmerged_vs_bf16_generate']:.2f}x, cc.generate")
         if "int4_gemlite_vs_bf16_generate" in d:
             lines.append(f"int4 (gemlite) / bf16 = {d['int4_gemlite_vs_bf16_generate']:.2f}x (goal >= 2.2x), "
                          f"cc.generate")

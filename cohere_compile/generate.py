@@ -180,8 +180,9 @@ def _merge_projections(model, requested: bool | None, compiled: bool, device: to
         return True
     if requested:
         raise ValueError("generate: merge_projections=True needs plain, bias-free q/k/v/gate/up weights of one "
-                         "dtype; this model has none (quantized?). Call without merge_projections.")
-    return False  # the default on a model that cannot be merged (e.g. int4): separate matmuls
+                         "dtype, or our int4 linears (int4_kernel='triton'); this model has neither (torchao-"
+                         "quantized?). Call without merge_projections.")
+    return False  # the default on a model that cannot be merged (e.g. torchao int4): separate matmuls
 
 
 @torch.no_grad()
