@@ -49,6 +49,10 @@ stage() {
     train-qlora) python3 bench/quant.py --skip-decode --out quant_aya-8b_L32_train.json ;;
     quant) python3 bench/quant.py --skip-train --variants bf16_generate,int4_generate,int4_triton_generate \
              --out quant_aya-8b_L32_decode.json ;;
+    quant-m1) python3 bench/quant.py --skip-train --variants bf16_generate,int4_generate,int4_triton_generate,int4_triton_unmerged_generate \
+                --out quant_aya-8b_L32_decode_m1.json ;;  # over one call: each variant's first (compile) run takes ~165 s
+    quant-m1-triton) python3 bench/quant.py --skip-train --variants int4_triton_generate,bf16_generate,int4_triton_unmerged_generate \
+                       --out quant_aya-8b_L32_decode_m1_triton.json ;;  # ours first; the third may not fit a call
     quant-gemlite) python3 bench/quant.py --skip-train --variants int4_gemlite_generate,bf16_generate \
              --out quant_aya-8b_L32_decode_gemlite.json ;;
     decode-b1) python3 bench/decode.py --layers 32 --workloads b1 --peers loop,ours --tag _b1 ;;
