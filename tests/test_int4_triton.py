@@ -106,8 +106,9 @@ def test_op_runs_the_word_kernel_for_one_row_only(monkeypatch):
 
 
 def test_m1_auto_split_k_only_for_few_column_blocks():
-    assert m1.auto_split_k(n_blocks=16, steps=16) == 16  # k/v proj at BLOCK_N=64: 16 blocks, 264 programs wanted
-    assert m1.auto_split_k(n_blocks=224, steps=32) == 1  # gate/up already fills the GPU
+    assert m1.auto_split_k(n_blocks=32, steps=56) == 9  # down proj at BLOCK_N=128: 264 programs wanted
+    assert m1.auto_split_k(n_blocks=112, steps=16) == 1  # gate/up: measured slower split
+    assert m1.auto_split_k(n_blocks=64, steps=8) == 1  # k/v at BLOCK_N=16: as fast unsplit
     assert m1.auto_split_k(n_blocks=2, steps=3) == 3  # never more slices than steps
 
 

@@ -25,6 +25,10 @@ import triton.language as tl
 
 MAGIC_ONE = 0x3F800000  # fp32 1.0
 SM_COUNT_GUESS = 132  # H200; only used to decide when to split K (few column blocks)
+# Split K only below this many column blocks. H200 sweep (int4_gemv_m1_aya-8b_cuda.json): down
+# proj, 32 blocks: 17.8 us split 9 ways vs 62.5 unsplit; gate/up, 112 blocks: 19.2 unsplit vs 23.7
+# split 3 ways, and k/v, 64 blocks: 6.3 vs 6.6 (the split's partial sums cost two more kernels).
+SPLIT_BELOW_BLOCKS = 64
 
 
 @triton.jit
@@ -125,8 +129,8 @@ def supports(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
 
 
 def auto_split_k(n_blocks: int, steps: int) -> int:
-    """Split K only when the column blocks leave most SMs idle (k/v projections at large BLOCK_N)."""
-    if n_blocks >= SM_COUNT_GUESS:
+    """Split K only when the column blocks leave most SMs idle (down proj: N = 4096 in 128-row blocks)."""
+    if n_blocks >= SPLIT_BELOW_BLOCKS:
         return 1
     return max(1, min(steps, triton.cdiv(2 * SM_COUNT_GUESS, n_blocks)))
 
@@ -135,7 +139,7 @@ def auto_split_k(n_blocks: int, steps: int) -> int:
 # int4_gemv_m1_aya-8b_cuda.json; us per call in a CUDA graph at Aya-8B shapes). Large weights want
 # many rows per program (x reused across them: 4.2 SASS instructions per weight) and prefetch;
 # small ones are latency-bound and want many programs (16 rows each).
-LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True)  # LM head 193.6, down 17.8, gate/up 18.5
+LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True)  # LM head 193.6, down 17.8, gate/up 19.2
 SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False)  # q/o 8.1, k/v 6.3
 LARGE_FROM = 8192  # N or K at least this: LARGE
 
