@@ -403,7 +403,8 @@ def test_merge_pass_runs_colocated_int4_projections_as_one_gemv():
 @pytest.mark.usefixtures("ops_torch_path")
 def test_generate_merges_int4_triton_projections_and_matches_eager():
     """cc.generate(merge_projections=True) on an int4 Triton model: one merged GEMV per layer in the
-    prefill and the decode graph, the eager path's tokens."""
+    prefill and the decode graph, the eager path's tokens, also after a buffer moved (generate
+    co-locates again before it runs the graphs that read the blocks)."""
     from cohere_compile.passes import recording
 
     cfg = tiny_config(True, 2)
@@ -414,6 +415,11 @@ def test_generate_merges_int4_triton_projections_and_matches_eager():
     with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
         assert cc.generate(model, prompts, 6, stop_tokens=(), merge_projections=True) == eager
     assert [r["merge_projections"] for r in rewrites] == [cfg.num_hidden_layers] * 2, rewrites
+    assert all_colocated(model)
+    up = model.model.layers[1].mlp.up_proj
+    up.scales = up.scales.clone()  # something moves a buffer: the compiled graphs' view would be stale
+    assert not all_colocated(model)
+    assert cc.generate(model, prompts, 6, stop_tokens=(), merge_projections=True) == eager
     assert all_colocated(model)
 
 

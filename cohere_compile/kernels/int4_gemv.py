@@ -98,6 +98,14 @@ def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, strid
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_ok[None, :])
 
 
+def split_slices(kernel: str, steps: int, split: int) -> tuple[int, int]:
+    """``split`` K slices of ``steps`` loop steps -> (slices, steps per slice), no empty slices."""
+    if split < 1:
+        raise ValueError(f"{kernel}: split_k={split} must be >= 1")
+    per_split = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per_split), per_split
+
+
 def auto_split_k(n_blocks: int, chunks: int) -> int:
     """Split K only when there are too few column blocks to fill the GPU (k/v proj: N = 1024)."""
     return max(1, min(chunks, triton.cdiv(TARGET_PROGRAMS, n_blocks)))
@@ -130,11 +138,8 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     block_k = min(max(block_k, group_size), max(group_size, next_pow2(K)))
     n_blocks = triton.cdiv(N, block_n)
     chunks = triton.cdiv(K, block_k)
-    split = auto_split_k(n_blocks, chunks) if split_k is None else int(split_k)
-    if split < 1:
-        raise ValueError(f"int4_gemv: split_k={split_k} must be >= 1")
-    per_split = triton.cdiv(chunks, split)
-    split = triton.cdiv(chunks, per_split)  # no empty slices
+    split, per_split = split_slices("int4_gemv", chunks, auto_split_k(n_blocks, chunks) if split_k is None
+                                    else int(split_k))
     if split == 1:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     else:

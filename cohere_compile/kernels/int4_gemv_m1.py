@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .int4_gemv import split_slices
+
 MAGIC_ONE = 0x3F800000  # fp32 1.0
 SM_COUNT_GUESS = 132  # H200; only used to decide when to split K (few column blocks)
 # Split K only below this many column blocks. H200 sweep (int4_gemv_m1_aya-8b_cuda.json): down
@@ -137,7 +139,7 @@ def auto_split_k(n_blocks: int, steps: int) -> int:
 
 # Launch knobs by weight shape, from the H200 sweep (bench/int4_gemv.py --sweep, JSON
 # int4_gemv_m1_aya-8b_cuda.json; us per call in a CUDA graph at Aya-8B shapes). Large weights want
-# many rows per program (x reused across them: 4.2 SASS instructions per weight) and prefetch;
+# many rows per program (x reused across them: 3.9 SASS instructions per weight) and prefetch;
 # small ones are latency-bound and want many programs (16 rows each).
 LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True)  # LM head 193.6, down 17.8, gate/up 19.2
 SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False)  # q/o 8.1, k/v 6.3
@@ -174,11 +176,8 @@ def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     block_k = max(block_k, group_size)
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
-    split = auto_split_k(n_blocks, steps) if split_k is None else int(split_k)
-    if split < 1:
-        raise ValueError(f"int4_gemv_m1: split_k={split_k} must be >= 1")
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)  # no empty slices
+    split, per_split = split_slices("int4_gemv_m1", steps, auto_split_k(n_blocks, steps) if split_k is None
+                                    else int(split_k))
     even = n % block_n == 0 and k % block_k == 0 and steps % per_split == 0
     out = torch.empty((split, n) if split > 1 else (1, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)

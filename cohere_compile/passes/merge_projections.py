@@ -15,7 +15,7 @@ CUDA) enables it for its own compiled forwards and checks the layout before ever
   mul(X, unsqueeze(convert(permute(W, [1, 0])), 0)), [1]))``, where the converts are optional.
 Our int4 linears (``cohere::int4_linear(X, packed, scales, zeros, group_size)``) merge the same
 way when all three buffers are co-located in the same order: one int4 GEMV over the three
-blocks (H200, B1: the five Aya-8B projections of a layer are 4 short GEMVs of 6-17 us each).
+blocks (H200, B1: unmerged, the five Aya-8B projections of a layer are five GEMVs of 6-19 us each).
 """
 
 from __future__ import annotations
