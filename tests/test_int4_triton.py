@@ -398,6 +398,15 @@ def test_merge_pass_runs_colocated_int4_projections_as_one_gemv():
     separate = [t.clone() for t in flat]
     gm = make_fx(three, tracing_mode="fake")(x, *separate)
     assert merge_projections(gm.graph) == 0
+    gap = 8  # rows left free between the first and second linear in all three blocks
+    gapped = [torch.cat([b[:48], torch.zeros_like(b[:gap]), b[48:]]) for b in blocks]
+    gapped_views = [[b[s:s + r] for b in gapped] for s, r in zip([0, 48 + gap, 64 + gap], rows)]
+    gm = make_fx(three, tracing_mode="fake")(x, *[t for v in gapped_views for t in v])
+    assert merge_projections(gm.graph) == 1  # only the second and third, which touch
+    gm.recompile()
+    assert gemvs(gm) == 2
+    for got, (p, sc, z) in zip(gm(x, *[t for v in gapped_views for t in v]), gapped_views):
+        assert rel_err(got, reference_matmul(x.view(1, k), p, sc, z, group).view(1, 1, -1)) < 2e-5
 
 
 @pytest.mark.usefixtures("ops_torch_path")
