@@ -60,12 +60,14 @@ OUR_VARIANTS = {"ours": {}, "ours_frozen": {"inductor_options": {"freezing": Tru
                 "ours_unmerged": {"merge_projections": False},
                 "ours_no_swiglu": {"passes": []},
                 "ours_rope_write": {"passes": ["swiglu", "qk_norm_rope"]},
-                # Programmatic Dependent Launch: each Inductor kernel's launch overlaps the tail of the
-                # kernel before it (Hopper); our own kernels launch as before. The CUDA decode default
-                # since 2026-12-03, so "ours_no_pdl" opts out, and "ours_pdl" (user inductor_options
-                # reach both graphs) adds PDL to the prefill graph as well
+                # Programmatic Dependent Launch: each kernel's launch overlaps the tail of the kernel
+                # before it (Hopper). The CUDA decode default for Inductor's kernels and ours (custom
+                # ops, kernels/pdl.py), so "ours_no_pdl" opts out of both, "ours_inductor_pdl" keeps
+                # it for Inductor's kernels only (the default of 2026-12-03), and "ours_pdl" (user
+                # inductor_options reach both graphs) adds PDL to the prefill graph's Inductor kernels
                 "ours_pdl": {"inductor_options": {"triton.enable_pdl": True}},
                 "ours_no_pdl": {"inductor_options": {"triton.enable_pdl": False}},
+                "ours_inductor_pdl": {"custom_op_pdl": False},
                 # Inductor autotunes its matmuls against Triton templates (decode at batch > 1: the
                 # projections are cuBLAS calls otherwise; at batch 1 they are GEMV reductions anyway)
                 "ours_autotune": {"inductor_options": {"max_autotune_gemm": True}}}

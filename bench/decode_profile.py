@@ -8,7 +8,8 @@ Two parts, each optional (GPU only):
 - ``--variants``: a torch.profiler trace of whole calls, per generated token: wall time, the sum of
   CUDA kernel time (wall minus that = the GPU waiting on the host), and the top kernels.
   bench/decode.py's ``ours`` / ``ours_frozen`` / ``ours_combo`` / ``ours_unmerged``, and ``int4``
-  (``cc.optimize(quantize="int4")``), run ``cc.generate``; ``hf_paged`` /
+  (``cc.optimize(quantize="int4")``), ``int4_triton`` (``int4_kernel="triton"``) and
+  ``int4_triton_inductor_pdl`` (that, our kernels without PDL) run ``cc.generate``; ``hf_paged`` /
   ``hf_dynamic`` run ``model.generate`` after ``cc.optimize(model, paged_cache=True / False)``.
 
     TRITON_INTERPRET=0 PYTHONPATH=$PWD python bench/decode_profile.py --layers 32 --gemm \\
@@ -31,8 +32,10 @@ import cohere_compile as cc
 from bench.common import SHAPES, build_model, cuda_graph_time_s, environment, kernel_summary, write_json
 from bench.decode import OUR_VARIANTS
 
-# cc.generate variants -> its keyword arguments: bench/decode.py's, and int4 (quantized in prepared())
-GENERATE_VARIANTS = {**OUR_VARIANTS, "int4": {}}
+# cc.generate variants -> its keyword arguments: bench/decode.py's, and the int4 ones (quantized in
+# prepared(): torchao's tinygemm, or int4_kernel="triton" for the int4_triton* ones)
+GENERATE_VARIANTS = {**OUR_VARIANTS, "int4": {}, "int4_triton": {},
+                     "int4_triton_inductor_pdl": {"custom_op_pdl": False}}
 HF_VARIANTS = ("hf_paged", "hf_dynamic")
 
 
@@ -70,7 +73,9 @@ def gemm_probe(shape: dict, layers: int, m: int) -> dict:
 def prepared(variant: str, model):
     """The model as the variant uses it, and a call producing ``n`` new tokens for ``prompt``."""
     if variant in GENERATE_VARIANTS:
-        cc.optimize(model, quantize="int4" if variant == "int4" else None)
+        int4 = variant.startswith("int4")
+        cc.optimize(model, quantize="int4" if int4 else None,
+                    int4_kernel="triton" if variant.startswith("int4_triton") else "torchao")
         kwargs = GENERATE_VARIANTS[variant]
         return lambda prompt, n: cc.generate(model, [prompt], n, stop_tokens=(), **kwargs)
     cc.optimize(model, paged_cache=variant == "hf_paged")

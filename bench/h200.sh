@@ -83,7 +83,16 @@ stage() {
     tests-paged-ops) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k "paged_ops or repeatable" -rfE ;;
     decode-ragged-pdl) python3 bench/decode.py --layers 32 --workloads ragged --peers ours,ours_no_pdl --rounds 2 \
                          --tag _ragged_pdl_default ;;
-    tests-pdl) python3 -m pytest -q -m gpu tests/test_gpu_paged.py -k pdl -rfE ;;
+    tests-pdl) python3 -m pytest -q -m gpu tests/test_pdl.py tests/test_gpu_paged.py -k "pdl or chain" -rfE ;;
+    decode-b1-custom-pdl) python3 bench/decode.py --layers 32 --workloads b1 --rounds 3 \
+                            --peers ours,ours_inductor_pdl,ours_no_pdl --tag _b1_custom_pdl ;;  # our kernels' PDL too
+    decode-ragged-custom-pdl) python3 bench/decode.py --layers 32 --workloads ragged --rounds 2 \
+                                --peers ours,ours_inductor_pdl --tag _ragged_custom_pdl ;;
+    quant-pdl) python3 bench/quant.py --skip-train \
+                 --variants int4_triton_generate,bf16_generate,int4_triton_inductor_pdl_generate \
+                 --out quant_aya-8b_L32_decode_custom_pdl.json ;;  # the third may not fit a call
+    profile-int4) python3 bench/decode_profile.py --layers 32 --variants int4_triton --prompt 512 \
+                    --name decode_profile_aya-8b_L32_int4_triton.json ;;
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;
     tests-decode) python3 -m pytest -q -m gpu tests/test_merge_projections.py tests/test_gpu_paged.py \
                     tests/test_causal_attention.py tests/test_gpu.py -rfE ;;  # what 2026-12-02 touched

@@ -10,6 +10,7 @@ CUDA, replayed as a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections import deque
@@ -28,6 +29,7 @@ from .backend import make_backend
 from .cache import PagedKVCache
 from .cache.paged_cache import pinned
 from .colocate import ensure_colocated
+from .kernels import pdl
 from .passes.manager import validate_pass_names
 from .seq_limit import SequenceTooLongError, max_sequence_length, too_long_message
 
@@ -98,7 +100,11 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 #   the one before it drains, which at B1 hides most of the gaps between the step's ~300 short
 #   kernels. H200, 2026-12-03, five interleaved rounds in one process
 #   (decode_aya-8b_L32_b1_rounds.json): 216.3 vs 193.5 tok/s decode steps (4.62 vs 5.17 ms).
-#   ``inductor_options={"triton.enable_pdl": False}`` opts out.
+#   Our own custom-op kernels follow (kernels/pdl.py; ``custom_op_pdl=False`` keeps them out).
+#   H200, 2026-12-04, same process: B1 bf16 decode steps 214.3 tok/s vs 210.6 with Inductor's
+#   kernels alone and 207.7 without PDL (median of 3 rounds, decode_aya-8b_L32_b1_custom_pdl.json);
+#   int4 Triton GEMV decode 314.0 vs 280.4 tok/s (quant_aya-8b_L32_decode_custom_pdl.json).
+#   ``inductor_options={"triton.enable_pdl": False}`` opts out of both.
 CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True, "triton.enable_pdl": True}
 
 # Passes generate adds on CUDA to those cc.optimize chose, unless the caller picks its own:
@@ -133,13 +139,24 @@ def _generate_passes(model, passes: Sequence[str] | None, on_cuda: bool) -> tupl
     return tuple(dict.fromkeys((*chosen, "paged_attention")))
 
 
+def _launching_with_pdl(decode):
+    """``decode`` with our custom-op kernels launched with Programmatic Dependent Launch
+    (kernels/pdl.py) inside it: the CUDA graph records that launch attribute when it captures."""
+    @functools.wraps(decode)
+    def call(*args, **kwargs):
+        with pdl.launches(True):
+            return decode(*args, **kwargs)
+    return call
+
+
 def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: bool | None,
                        inductor_options: dict | None = None, merge_projections: bool = False,
-                       passes: Sequence[str] | None = None):
+                       passes: Sequence[str] | None = None, custom_op_pdl: bool | None = None):
     """(prefill, decode): the model's forward compiled with our passes (paged_attention
     included). Decode is one fixed-shape graph, a CUDA graph on CUDA unless
-    ``cuda_graphs=False``; prefill is one graph for every prompt length (dynamic).
-    Kept on the model, so later calls reuse them."""
+    ``cuda_graphs=False``, whose custom-op kernels launch with PDL when ``custom_op_pdl``
+    (None: when Inductor's do, ``triton.enable_pdl``); prefill is one graph for every prompt
+    length (dynamic). Kept on the model, so later calls reuse them."""
     hf_model = base_model(model)
     if not compiled:
         return hf_model.forward, hf_model.forward
@@ -156,17 +173,21 @@ def _compiled_forwards(model, cache: PagedKVCache, compiled: bool, cuda_graphs: 
     cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
     user = {**options_of(model).inductor, **(inductor_options or {})}
     decode_options = {**(CUDA_DECODE_INDUCTOR if on_cuda else {}), **user}
+    if custom_op_pdl is None:
+        custom_op_pdl = bool(decode_options.get("triton.enable_pdl", False))
+    custom_op_pdl = on_cuda and custom_op_pdl
     key = (passes, bool(cuda_graphs), tuple(sorted(decode_options.items())), tuple(sorted(user.items())),
-           merge_projections)
+           merge_projections, custom_op_pdl)
     cached = hf_model.__dict__.setdefault("_cohere_generate_fns", {})
     if key not in cached:
         common = {"passes": list(passes), "merge_projections": merge_projections}
         decode = {**common, **decode_options}
         if cuda_graphs:
             decode["triton.cudagraphs"] = True
+        decode_fn = torch.compile(hf_model.forward, backend=make_backend(decode), fullgraph=True, dynamic=False)
         cached[key] = (
             torch.compile(hf_model.forward, backend=make_backend({**common, **user}), dynamic=True),
-            torch.compile(hf_model.forward, backend=make_backend(decode), fullgraph=True, dynamic=False),
+            _launching_with_pdl(decode_fn) if custom_op_pdl else decode_fn,
         )
     return cached[key]
 
@@ -206,6 +227,7 @@ def generate(
     inductor_options: dict | None = None,
     merge_projections: bool | None = None,
     passes: Sequence[str] | None = None,
+    custom_op_pdl: bool | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens for every prompt; returns one list of new
     token ids per prompt (prompt excluded, stop token included when one ends it).
@@ -228,6 +250,10 @@ def generate(
     ``passes`` chooses the passes of generate's own graphs (default: those ``cc.optimize`` chose,
     plus ``qk_norm_rope`` on CUDA, so RoPE and the cache write are one kernel per layer: measured
     4.8% faster decode steps at batch 1 on the H200); ``paged_attention`` is always added.
+    ``custom_op_pdl``: whether our own kernels in the CUDA decode step (norm, RoPE + cache write,
+    paged attention, SwiGLU, int4 GEMV) launch with Programmatic Dependent Launch, as Inductor's do
+    there by default; None (default) follows the decode graph's ``triton.enable_pdl``. Needs a GPU
+    of compute capability >= 9.0 (elsewhere the kernels launch as usual).
     """
     check_model(model)
     prompts = _as_token_lists(prompts)
@@ -259,7 +285,7 @@ def generate(
     stop = _stop_set(model, stop_tokens)
     merge_projections = _merge_projections(model, merge_projections, compiled, device)
     prefill_forward, decode = _compiled_forwards(model, cache, compiled, cuda_graphs, inductor_options,
-                                                 merge_projections, passes)
+                                                 merge_projections, passes, custom_op_pdl)
     bs = cache.block_size
 
     results: list[list[int]] = [[] for _ in prompts]

@@ -128,7 +128,7 @@ for m in (1, 4, 16):
            "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32",
            "stride_os": "i32", "CHUNKS_PER_SPLIT": "i32"}
     const = dict(M=m, BLOCK_M=triton.next_power_of_2(m), GROUP=128, BLOCK_N=default["block_n"],
-                 BLOCK_K=default["block_k"], REDUCE_AT_END=m == 1)
+                 BLOCK_K=default["block_k"], REDUCE_AT_END=m == 1, PDL=False)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     # what the launcher's specialization gives at Aya shapes: pointers and sizes divisible by 16
@@ -181,7 +181,7 @@ bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "
 sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
        "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32", "magic": "i32"}
 const = dict(GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"], EVEN=True,
-             PREFETCH=default["prefetch"])
+             PREFETCH=default["prefetch"], PDL=False)
 sig.update({k: "constexpr" for k in const})
 names = list(sig)
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:10]}  # Aya shapes: all divisible by 16

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import next_pow2
+from .pdl import launch_options, wait_then_release
 
 MAX_M = 16  # the op takes dequantize + matmul above this (prefill); see ops/int4.py
 TARGET_PROGRAMS = 512  # auto split-K aims for about this many programs (H200: 132 SMs, ~4 waves)
@@ -49,7 +50,8 @@ def _load_x_pairs(x_row, g_idx, g_ok, NG: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit
 def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_on, stride_os,
                      CHUNKS_PER_SPLIT, M: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_AT_END: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, REDUCE_AT_END: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP  # groups per chunk
@@ -149,5 +151,6 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
             x, packed, scales, zeros, out, N, K, x.stride(0), packed.stride(0), scales.stride(0), N, M * N, per_split,
             M=M, BLOCK_M=next_pow2(M), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
             REDUCE_AT_END=bool(reduce_at_end), num_warps=num_warps, num_stages=num_stages,
+            **launch_options(x.device),
         )
     return out if split == 1 else out.sum(0).to(x.dtype)

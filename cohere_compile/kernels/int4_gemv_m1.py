@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .int4_gemv import split_slices
+from .pdl import launch_options, wait_then_release
 
 MAGIC_ONE = 0x3F800000  # fp32 1.0
 SM_COUNT_GUESS = 132  # H200; only used to decide when to split K (few column blocks)
@@ -92,7 +93,8 @@ def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
 @triton.jit
 def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_os, STEPS_PER_SPLIT,
                         magic, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN: tl.constexpr, PREFETCH: tl.constexpr):
+                        EVEN: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP  # groups per step
@@ -185,6 +187,6 @@ def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
         int4_gemv_m1_kernel[(n_blocks, split)](
             x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE,
             GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=bool(prefetch),
-            num_warps=num_warps, num_stages=1,
+            num_warps=num_warps, num_stages=1, **launch_options(x.device),
         )
     return out if split == 1 else out.sum(0, keepdim=True).to(x.dtype)

@@ -11,14 +11,16 @@ import triton
 import triton.language as tl
 
 from . import next_pow2
+from .pdl import launch_options, wait_then_release
 
 
 @triton.jit
 def layer_norm_kernel(
     x_ptr, a_ptr, m_ptr, w_ptr, sum_ptr, out_ptr,
     n_cols, eps,
-    HAS_ADDS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ADDS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     valid = cols < n_cols
@@ -52,7 +54,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
         block = next_pow2(n)
         layer_norm_kernel[(rows,)](
             x, x, x, weight, out, out, n, float(eps),
-            HAS_ADDS=False, BLOCK=block, num_warps=_num_warps(block),
+            HAS_ADDS=False, BLOCK=block, num_warps=_num_warps(block), **launch_options(x.device),
         )
     return out
 
@@ -67,7 +69,7 @@ def add3_layer_norm(residual, attn, mlp, weight, eps):
         block = next_pow2(n)
         layer_norm_kernel[(rows,)](
             residual, attn, mlp, weight, h, out, n, float(eps),
-            HAS_ADDS=True, BLOCK=block, num_warps=_num_warps(block),
+            HAS_ADDS=True, BLOCK=block, num_warps=_num_warps(block), **launch_options(residual.device),
         )
     return h, out
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, next_pow2
+from .pdl import launch_options, wait_then_release
 
 LOG2E = 1.4426950408889634
 
@@ -25,8 +26,9 @@ def paged_kv_write_kernel(
     k_ptr, v_ptr, skb, skh, skt, skd, svb, svh, svt, svd,
     kpool_ptr, vpool_ptr, spn, sph, sps,
     slots_ptr, T, block_size,
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     bt = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = bt // T
@@ -54,7 +56,7 @@ def paged_kv_write(k_pool, v_pool, k, v, slots) -> None:
         k, v, *k.stride(), *v.stride(),
         k_pool, v_pool, k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         slots, t, k_pool.shape[2],
-        D=d, BLOCK_D=next_pow2(d),
+        D=d, BLOCK_D=next_pow2(d), **launch_options(k.device),
     )
 
 
@@ -89,9 +91,11 @@ def paged_decode_kernel(
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (slot, KV head): split ``slot - first[b]`` of the sequence b whose splits
     include ``slot`` (slots past the last split do nothing)."""
+    wait_then_release(PDL)
     slot = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     lens, chunk, splits, first = _split_plan(lens_ptr, n_seqs, n_slots, fixed_chunk, BLOCK_N, BLOCK_B)
@@ -166,10 +170,11 @@ def paged_merge_kernel(
     part_o_ptr, part_ml_ptr, out_ptr, sob, soh, sod, lens_ptr,
     n_seqs, n_kv_heads, group, n_slots, fixed_chunk,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """Combine the splits of one query head (the same plan as the decode kernel's, recomputed);
     a head that saw no visible key (or a sequence of length 0) gets zeros."""
+    wait_then_release(PDL)
     bh = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     b = bh // n_kv_heads
@@ -254,12 +259,12 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, kv_lens, mask, scale,
         D=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_B=block_b, BLOCK_SIZE=block_size,
         UPCAST_DOT=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 in, fp32 exact (no TF32)
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(q.device),
     )
     paged_merge_kernel[(b * hkv, group)](
         part_o, part_ml, out, out.stride(0), out.stride(1), out.stride(3), kv_lens,
         b, hkv, group, n_slots, fixed_chunk,
         D=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_B=block_b,
-        BLOCK_S=min(16, next_pow2(n_slots)),
+        BLOCK_S=min(16, next_pow2(n_slots)), **launch_options(q.device),
     )
     return out

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import empty_heads_like, next_pow2
+from .pdl import launch_options, wait_then_release
 
 
 @triton.jit
@@ -62,11 +63,12 @@ def qk_norm_rope_kernel(
     cos_ptr, sin_ptr, scb, sct, scd,
     seq_len, n_q_heads, n_k_heads, head_dim, q_eps, k_eps,
     HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """``WRITE_KV``: the rotated keys and the values go straight to their pool slot
     (``paged.paged_kv_write``'s layout) instead of to a k output (the ``v`` / pool / slot
     arguments are unused otherwise)."""
+    wait_then_release(PDL)
     pid = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     q_chunks = tl.cdiv(n_q_heads, BLOCK_HQ)
@@ -146,6 +148,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out=None, write=No
             seq, n_q, n_k, dim, float(eps), float(eps if k_eps is None else k_eps),
             HAS_NORM=has_norm, WRITE_KV=write is not None, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
             BLOCK_D=next_pow2(dim), num_warps=4 if max(block_hq, block_hk) > 2 else 1,  # one-head chunks: one warp
+            **launch_options(q.device),
         )
 
 

@@ -5,9 +5,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_then_release
+
 
 @triton.jit
-def swiglu_kernel(g_ptr, u_ptr, o_ptr, n, BLOCK: tl.constexpr):
+def swiglu_kernel(g_ptr, u_ptr, o_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -22,7 +25,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = gate.numel()
     if n:
         block = 1024
-        swiglu_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+        swiglu_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4,
+                                                **launch_options(gate.device))
     return out
 
 
