@@ -184,7 +184,8 @@ def decode(model, args, cohere: bool = False) -> dict:
 
 
 def decode_generate(model, args, **generate_kwargs) -> dict:
-    """cc.generate on the already-optimized model: median decode-step time (prefill excluded)."""
+    """cc.generate on the already-optimized model: median decode-step time (prefill excluded),
+    then, with ``--prefill-prompt`` > 0, the median prefill of one prompt that long (one new token)."""
     import cohere_compile as cc
 
     B, P, N = args.batch, args.prompt, args.new_tokens
@@ -197,7 +198,17 @@ def decode_generate(model, args, **generate_kwargs) -> dict:
         stats = {}
         tokens = torch.tensor(cc.generate(model, prompts, N, stop_tokens=(), stats=stats, **generate_kwargs))
         step_ms.append(1e3 * stats["decode_s"] / stats["decode_steps"])
-    return decode_result(model, args, step_ms, first.s, tokens)
+    result = decode_result(model, args, step_ms, first.s, tokens)
+    if args.prefill_prompt:
+        long_prompt = [torch.randint(10, model.config.vocab_size, (args.prefill_prompt,), generator=g)]
+        prefill_ms = []
+        for _ in range(1 + args.repeats):  # the first call is a warm-up
+            stats = {}
+            cc.generate(model, long_prompt, 1, stop_tokens=(), stats=stats, **generate_kwargs)
+            prefill_ms.append(1e3 * stats["prefill_s"])
+        result.update(prefill_prompt=args.prefill_prompt, prefill_ms=statistics.median(prefill_ms[1:]),
+                      prefill_ms_runs=prefill_ms)
+    return result
 
 
 def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
@@ -308,15 +319,16 @@ def table(res: dict) -> str:
     lines = []
     if "decode" in res:
         d = res["decode"]
-        lines += ["| decode B{} | tok/s | ms/step | weights GB/step | floor tok/s | of floor |".format(res["args"]["batch"]),
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| decode B{} | tok/s | ms/step | weights GB/step | floor tok/s | of floor | prefill ms |".format(
+                      res["args"]["batch"]), "| --- | --- | --- | --- | --- | --- | --- |"]
         for v in [v for v in DECODE_VARIANTS if v in d]:
             r = d[v]
             if "error" in r:
                 lines.append(f"| {v} | FAILED: {r['error'][:80]} |")
                 continue
+            prefill = f"{r['prefill_ms']:.1f} ({r['prefill_prompt']} tokens)" if "prefill_ms" in r else "-"
             lines.append(f"| {v} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | {r['weight_gb_per_step']:.2f} | "
-                         f"{r['floor_tokens_per_s']:.1f} | {r['fraction_of_floor']:.2f} |")
+                         f"{r['floor_tokens_per_s']:.1f} | {r['fraction_of_floor']:.2f} | {prefill} |")
         if "int4_vs_bf16" in d:
             lines.append(f"int4 / bf16 = {d['int4_vs_bf16']:.2f}x (goal >= 2.2x), StaticCache loop")
         if "int4_vs_bf16_generate" in d:
@@ -356,6 +368,8 @@ def main(argv=None):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--prefill-prompt", type=int, default=512,
+                    help="cc.generate variants: also time the prefill of one prompt this long (0: skip)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)

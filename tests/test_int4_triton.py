@@ -253,6 +253,43 @@ def test_op_handles_batched_and_noncontiguous_inputs(rows, monkeypatch):
     assert rel_err(out, ref) < 2e-5
 
 
+@pytest.mark.parametrize("n,k,group_size,scale_dtype,out_dtype", [
+    (45, 128, 64, torch.float32, torch.float32),  # N not a multiple of the 32-row block, K < BLOCK_K
+    (70, 640, 32, torch.bfloat16, torch.float32),  # K a partial last block (640 = 2.5 x 256)
+    (33, 256, 256, torch.bfloat16, torch.bfloat16),  # one group per row block; stored in bf16
+    (8, 1024, 512, torch.float16, torch.float16),  # groups larger than BLOCK_K
+])
+def test_dequant_kernel_matches_the_layout(n, k, group_size, scale_dtype, out_dtype):
+    """The prefill path's one-pass dequantization (kernels/int4_dequant.py, interpreted) = the
+    layout's definition ``dequantize_int4`` (fp32), rounded once to the output dtype."""
+    from cohere_compile.kernels.int4_dequant import dequantize
+
+    packed, scales, zeros = random_layer(n, k, group_size, scale_dtype, seed=5)
+    w = dequantize(packed, scales, zeros, group_size, out_dtype)
+    ref = dequantize_int4(packed, scales, zeros, group_size)
+    assert w.dtype == out_dtype and w.shape == (n, k)
+    # fp32: equal up to a fused multiply-add's last bit; bf16 / fp16: one rounding of that
+    tol = 1e-6 if out_dtype == torch.float32 else (2 ** -8 if out_dtype == torch.bfloat16 else 2 ** -11)
+    assert torch.allclose(w.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert rel_err(w, ref) < tol
+
+
+def test_large_m_path_runs_the_dequant_kernel(monkeypatch):
+    """More rows than the GEMVs take: the op dequantizes through the Triton kernel where Triton
+    runs (here the interpreter), in slices of DEQUANT_ROWS output features."""
+    from cohere_compile.kernels import int4_dequant
+
+    calls = []
+    real = int4_dequant.dequantize
+    monkeypatch.setattr(int4_dequant, "dequantize", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(int4_ops, "DEQUANT_ROWS", 16)
+    packed, scales, zeros = random_layer(40, 128, 32, torch.float32, seed=6)
+    x = torch.randn(MAX_M + 1, 128)
+    out = torch.ops.cohere.int4_linear(x, packed, scales, zeros, 32)
+    assert calls == [(16, 64), (16, 64), (8, 64)]
+    assert rel_err(out, reference_matmul(x, packed, scales, zeros, 32)) < 2e-5
+
+
 def test_op_gradient_reaches_the_input_only():
     """The int4 weights are frozen; the input gets ``grad_out @ W`` (a frozen layer under trainable ones)."""
     packed, scales, zeros = random_layer(24, 128, 32, torch.float32, seed=4)

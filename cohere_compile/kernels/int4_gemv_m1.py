@@ -15,7 +15,8 @@ FFMA accumulates ``x * c``. Scales and zeros are applied once per group and row:
 Tile: ``[BLOCK_N, BLOCK_K // G, G // 8]`` words per loop step; the x values of a step are loaded
 once per program and reused by all the rows a thread holds, so large ``BLOCK_N`` amortizes them.
 ``PREFETCH`` loads the next step's words (and scales, zeros, x) before computing the current one,
-to keep more bytes in flight per thread. ``SPLIT_K > 1`` writes fp32 partials ``[SPLIT_K, N]``
+to keep more bytes in flight per thread. Under PDL (``kernels/pdl.py``) the first step's words,
+scales and zeros are read before the wait for the previous kernel (they are constants); x after. ``SPLIT_K > 1`` writes fp32 partials ``[SPLIT_K, N]``
 summed by the launcher (deterministic, no atomics).
 """
 
@@ -46,27 +47,36 @@ def _code(w, w_hi, magic, i: tl.constexpr):
 
 
 @triton.jit
-def _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG: tl.constexpr, WPG: tl.constexpr,
-               EVEN: tl.constexpr):
-    """Words ``[BLOCK_N, NG, WPG]``, x ``[NG, WPG, 8]`` (fp32), scales and zeros ``[BLOCK_N, NG]``
-    of loop step ``c``."""
+def _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG: tl.constexpr, WPG: tl.constexpr,
+                  EVEN: tl.constexpr):
+    """Words ``[BLOCK_N, NG, WPG]``, scales and zeros ``[BLOCK_N, NG]`` (fp32) of loop step ``c``."""
     g_idx = c * NG + tl.arange(0, NG)
     word = g_idx[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG] word index along the row
-    xp = x_ptr + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
     sp = sz_rows + g_idx[None, :]
     if EVEN:
         w = tl.load(w_rows + word[None, :, :])
-        x = tl.load(xp).to(tl.float32)
         s = tl.load(s_ptr + sp).to(tl.float32)
         z = tl.load(z_ptr + sp).to(tl.float32)
     else:
         g_ok = g_idx < k_groups  # a partial last step, or steps past K in the last split
         w = tl.load(w_rows + word[None, :, :], mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-        x = tl.load(xp, mask=g_ok[:, None, None], other=0.0).to(tl.float32)
         sz_ok = n_ok[:, None] & g_ok[None, :]
         s = tl.load(s_ptr + sp, mask=sz_ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sp, mask=sz_ok, other=0.0).to(tl.float32)
-    return w, x, s, z
+    return w, s, z
+
+
+@triton.jit
+def _load_x(x_ptr, c, k_groups, NG: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
+    """x ``[NG, WPG, 8]`` (fp32) of loop step ``c``."""
+    g_idx = c * NG + tl.arange(0, NG)
+    word = g_idx[:, None] * WPG + tl.arange(0, WPG)[None, :]
+    xp = x_ptr + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    if EVEN:
+        x = tl.load(xp)
+    else:
+        x = tl.load(xp, mask=(g_idx < k_groups)[:, None, None], other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -94,7 +104,6 @@ def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
 def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_os, STEPS_PER_SPLIT,
                         magic, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
-    wait_then_release(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP  # groups per step
@@ -107,19 +116,25 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
     sz_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     c0 = pid_k * STEPS_PER_SPLIT
-    if PREFETCH:
-        w, x, s, z = _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c0, n_ok, k_groups, NG, WPG, EVEN)
-        for c in range(c0, c0 + STEPS_PER_SPLIT):
-            # the next step (the last one again at the end: a redundant, harmless read)
-            c_next = tl.minimum(c + 1, c0 + STEPS_PER_SPLIT - 1)
-            w_n, x_n, s_n, z_n = _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG,
-                                            EVEN)
+    c_last = c0 + STEPS_PER_SPLIT - 1
+    # Weights, scales and zeros are the model's constants, so the first step's are read before the
+    # PDL wait: their DRAM latency overlaps the previous kernel's tail. x (that kernel's output) and
+    # the store come after it.
+    w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c0, n_ok, k_groups, NG, WPG, EVEN)
+    wait_then_release(PDL)
+    x = _load_x(x_ptr, c0, k_groups, NG, WPG, EVEN)
+    for c in range(c0, c0 + STEPS_PER_SPLIT):
+        # the next step (the last one again at the end: a redundant read of what is in cache)
+        c_next = tl.minimum(c + 1, c_last)
+        if PREFETCH:  # issue the next step's loads before this step's arithmetic
+            w_n, s_n, z_n = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
+            x_n = _load_x(x_ptr, c_next, k_groups, NG, WPG, EVEN)
             acc += _step(w, x, s, z, magic, NG, WPG)
-            w, x, s, z = w_n, x_n, s_n, z_n
-    else:
-        for c in range(c0, c0 + STEPS_PER_SPLIT):
-            w, x, s, z = _load_step(w_rows, x_ptr, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG, WPG, EVEN)
+            w, s, z, x = w_n, s_n, z_n, x_n
+        else:
             acc += _step(w, x, s, z, magic, NG, WPG)
+            w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
+            x = _load_x(x_ptr, c_next, k_groups, NG, WPG, EVEN)
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 

@@ -11,12 +11,14 @@ Paths: one row (batch-1 decode) on CUDA (and on CPU under TRITON_INTERPRET=1) ru
 word-wise GEMV ``kernels/int4_gemv_m1.py`` where its layout needs hold (groups of >= 8, a
 contiguous packed weight), else, and for rows M = x.numel() / K <= 16, the Triton GEMV
 ``kernels/int4_gemv.py``; more rows (prefill) dequantize W to x's dtype, 8192
-output features at a time, and call ``torch.mm`` inside the op (correct, not fast: the weight is
-materialised once per call); CPU without the interpreter computes the fp32 reference below.
+output features at a time (``kernels/int4_dequant.py``: one pass over the packed weight), and call
+``torch.mm`` inside the op (the weight is materialised once per call); CPU without the interpreter
+computes the fp32 reference below.
 """
 
 import torch
 
+from ..kernels import int4_dequant as kernel_dequant
 from ..kernels import int4_gemv as kernel
 from ..kernels import int4_gemv_m1 as kernel_m1
 from ._dispatch import check_inputs, use_triton
@@ -52,14 +54,20 @@ DEQUANT_ROWS = 8192  # output features dequantized at a time on the large-M path
 
 def dequantize_matmul(x2: torch.Tensor, packed, scales, zeros, group_size: int) -> torch.Tensor:
     """``x2 [M, K] @ W^T`` by dequantizing W in slices of output features: on CUDA each slice is
-    cast to x's dtype for the tensor-core matmul (prefill), on CPU the math stays fp32 (reference)."""
+    dequantized to x's dtype for the tensor-core matmul (prefill), on CPU the math stays fp32
+    (reference). The dequantization is the Triton kernel ``kernels/int4_dequant.py`` where Triton
+    runs (CUDA, or the interpreter), else the torch expression ``dequantize_int4``."""
     cuda = x2.device.type == "cuda"
+    w_dtype = x2.dtype if cuda else torch.float32
     out = torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
     xf = x2 if cuda else x2.float()
     for n0 in range(0, packed.shape[0], DEQUANT_ROWS):
         rows = slice(n0, n0 + DEQUANT_ROWS)
-        w = dequantize_int4(packed[rows], scales[rows], zeros[rows], group_size)
-        out[:, rows] = xf @ (w.to(x2.dtype) if cuda else w).t()
+        if use_triton(x2):
+            w = kernel_dequant.dequantize(packed[rows], scales[rows], zeros[rows], group_size, w_dtype)
+        else:
+            w = dequantize_int4(packed[rows], scales[rows], zeros[rows], group_size).to(w_dtype)
+        out[:, rows] = xf @ w.t()
     return out
 
 
