@@ -446,6 +446,87 @@ def test_merge_pass_runs_colocated_int4_projections_as_one_gemv():
         assert rel_err(got, reference_matmul(x.view(1, k), p, sc, z, group).view(1, 1, -1)) < 2e-5
 
 
+def _small_steps(monkeypatch):
+    """The SMALL knobs with 32-weight steps: tiny shapes then split K (as Aya's down projection does)."""
+    monkeypatch.setattr(m1, "SMALL", {**m1.SMALL, "block_k": 32})
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_partials_op_sums_to_int4_linear(interpret, monkeypatch):
+    """``cohere::int4_linear_partials``: fp32 ``[split, N]`` whose sum is int4_linear's result,
+    through the kernel (interpreted) and through the torch slices (CPU without the interpreter)."""
+    _small_steps(monkeypatch)
+    packed, scales, zeros = random_layer(40, 160, 32, torch.float32, seed=7)
+    x = torch.randn(1, 1, 160)
+    plan = m1.launch_plan(40, 160, 32)
+    assert plan["split"] == 5  # 5 steps of 32, 3 column blocks: split
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    parts = torch.ops.cohere.int4_linear_partials(x, packed, scales, zeros, 32)
+    assert parts.shape == (5, 40) and parts.dtype == torch.float32
+    ref = reference_matmul(x.view(1, 160), packed, scales, zeros, 32)
+    assert rel_err(parts.sum(0, keepdim=True), ref) < 2e-5
+    w = dequantize_int4(packed, scales, zeros, 32).double()  # each partial is its own K slice
+    assert rel_err(parts[2], x.view(160)[64:96].double() @ w[:, 64:96].t()) < 2e-5
+    with pytest.raises(ValueError, match="one row"):
+        torch.ops.cohere.int4_linear_partials(torch.randn(2, 160), packed, scales, zeros, 32)
+
+
+def test_split_k_pass_sums_partials_in_the_consumer(monkeypatch):
+    """A one-row int4 linear whose launch splits K becomes partials + sum + cast (aten ops the
+    consumer's kernel absorbs); one that does not split, or two rows, stays."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from cohere_compile.passes.int4_split_k import sum_split_k_in_consumer
+
+    _small_steps(monkeypatch)
+    split_layer = random_layer(40, 160, 32, torch.bfloat16, seed=8)  # 5 steps: split
+    whole_layer = random_layer(40, 32, 32, torch.bfloat16, seed=9)  # one step: no split
+
+    def f(x, x_short, *bufs):
+        return (torch.ops.cohere.int4_linear(x, *bufs[:3], 32) * 2, torch.ops.cohere.int4_linear(x_short, *bufs[3:], 32))
+
+    x, x_short = torch.randn(1, 1, 160, dtype=torch.bfloat16), torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    gm = make_fx(f, tracing_mode="fake")(x, x_short, *split_layer, *whole_layer)
+    assert sum_split_k_in_consumer(gm.graph) == 1
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(torch.ops.cohere.int4_linear_partials.default) == 1
+    assert targets.count(torch.ops.cohere.int4_linear.default) == 1  # the unsplit one
+    got, short = gm(x, x_short, *split_layer, *whole_layer)
+    assert got.shape == (1, 1, 40) and got.dtype == torch.bfloat16
+    assert rel_err(got, 2 * reference_matmul(x.view(1, 160), *split_layer, 32)) < 1e-2
+    assert torch.equal(short, torch.ops.cohere.int4_linear(x_short, *whole_layer, 32))
+    two_rows = make_fx(f, tracing_mode="fake")(torch.randn(2, 160, dtype=torch.bfloat16), x_short, *split_layer,
+                                               *whole_layer)
+    assert sum_split_k_in_consumer(two_rows.graph) == 0
+
+
+@pytest.mark.usefixtures("ops_torch_path")
+def test_generate_sums_split_k_in_the_decode_graph(monkeypatch):
+    """cc.generate on an int4 Triton model whose down projections split K: the decode graph sums
+    each layer's partials in its consumer (counted), and the tokens are the eager path's. (The
+    pass is told Triton runs here, so the partials op takes its torch slices: the wiring is the
+    subject; the kernel is tested above.)"""
+    from cohere_compile.passes import int4_split_k, recording
+
+    _small_steps(monkeypatch)
+    monkeypatch.setattr(int4_split_k, "use_triton", lambda t: True)
+    cfg = tiny_config(False, 2)
+    model = make_model(cfg)
+    cc.optimize(model, quantize="int4", int4_kernel="triton", group_size=GROUP)
+    prompts = [[5, 9, 33, 7]]
+    eager = cc.generate(model, prompts, 5, stop_tokens=(), compiled=False)
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):
+        assert cc.generate(model, prompts, 5, stop_tokens=()) == eager
+    # with 32-weight steps every tiny weight splits (2-3 steps, few column blocks): in the decode
+    # graph all 7 projections of each layer and the LM head; in the prefill graph (symbolic rows)
+    # only the LM head, which reads one row there (logits_to_keep=1)
+    linears = triton_linears(model)
+    assert len(linears) == LINEARS * cfg.num_hidden_layers + 1
+    assert all(m1.launch_plan(m.packed.shape[0], 2 * m.packed.shape[1], GROUP)["split"] > 1 for m in linears)
+    assert [r.get("int4_split_k", 0) for r in rewrites] == [1, len(linears)], rewrites
+
+
 @pytest.mark.usefixtures("ops_torch_path")
 def test_generate_merges_int4_triton_projections_and_matches_eager():
     """cc.generate(merge_projections=True) on an int4 Triton model: one merged GEMV per layer in the

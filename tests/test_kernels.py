@@ -435,6 +435,9 @@ def _float64_calls():
                                                                  1.0, -100, "mean", True, True),
         "int4_linear": lambda: ops.int4_linear(x, torch.zeros(5, 4, dtype=torch.uint8),
                                               torch.ones(5, 1, dtype=d), torch.zeros(5, 1, dtype=d), 8),
+        "int4_linear_partials": lambda: ops.int4_linear_partials(x[:1], torch.zeros(5, 4, dtype=torch.uint8),
+                                                                torch.ones(5, 1, dtype=d), torch.zeros(5, 1, dtype=d),
+                                                                8),
     }
 
 

@@ -167,19 +167,11 @@ def default_knobs(n: int, k: int) -> dict:
     return dict(LARGE if max(n, k) >= LARGE_FROM else SMALL)
 
 
-def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-                 num_warps: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
-    """``x [1, K] @ dequant(W)^T -> [1, N]`` in x's dtype (inputs checked by the op; ``supports``
-    must hold). Knobs: ``block_n`` rows per program, ``block_k`` weights along K per loop step
-    (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``;
-    any left None comes from ``default_knobs``."""
-    if not supports(x, packed, group_size):
-        raise ValueError(f"int4_gemv_m1: needs one row, group_size >= 8 and a contiguous 4-byte aligned packed "
-                         f"weight; got x {tuple(x.shape)}, group_size={group_size}, packed contiguous="
-                         f"{packed.is_contiguous()}")
-    k = x.shape[-1]
-    n = packed.shape[0]
+def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, block_k: int | None = None,
+                split_k: int | None = None, num_warps: int | None = None, prefetch: bool | None = None) -> dict:
+    """The launch for an ``[N, K]`` weight: the knobs (any left None from ``default_knobs``;
+    ``block_k`` raised to ``group_size``), the grid and ``split`` K slices of ``per_split`` steps.
+    A function of the shapes alone, so a graph pass can know ``split`` before anything runs."""
     default = default_knobs(n, k)
     block_n = default["block_n"] if block_n is None else block_n
     block_k = default["block_k"] if block_k is None else block_k
@@ -188,20 +180,58 @@ def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"int4_gemv_m1: {name}={v} must be a power of two")
-    x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
-    words = packed.view(torch.int32)  # [N, K // 8]
     block_k = max(block_k, group_size)
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
     split, per_split = split_slices("int4_gemv_m1", steps, auto_split_k(n_blocks, steps) if split_k is None
                                     else int(split_k))
-    even = n % block_n == 0 and k % block_k == 0 and steps % per_split == 0
+    return dict(block_n=block_n, block_k=block_k, num_warps=num_warps, prefetch=bool(prefetch), n_blocks=n_blocks,
+                steps=steps, split=split, per_split=per_split)
+
+
+def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor) -> None:
+    if not supports(x, packed, group_size):
+        raise ValueError(f"int4_gemv_m1: needs one row, group_size >= 8 and a contiguous 4-byte aligned packed "
+                         f"weight; got x {tuple(x.shape)}, group_size={group_size}, packed contiguous="
+                         f"{packed.is_contiguous()}")
+    n, k = packed.shape[0], x.shape[-1]
+    if not n:
+        return
+    x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
+    words = packed.view(torch.int32)  # [N, K // 8]
+    block_n, block_k, per_split = plan["block_n"], plan["block_k"], plan["per_split"]
+    even = n % block_n == 0 and k % block_k == 0 and plan["steps"] % per_split == 0
+    int4_gemv_m1_kernel[(plan["n_blocks"], plan["split"])](
+        x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE,
+        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=plan["prefetch"],
+        num_warps=plan["num_warps"], num_stages=1, **launch_options(x.device),
+    )
+
+
+def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+                 num_warps: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+    """``x [1, K] @ dequant(W)^T -> [1, N]`` in x's dtype (inputs checked by the op; ``supports``
+    must hold). Knobs: ``block_n`` rows per program, ``block_k`` weights along K per loop step
+    (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``;
+    any left None comes from ``default_knobs``. Split K sums its fp32 partials here (two more
+    kernels); ``int4_gemv_m1_partials`` leaves that sum to the caller."""
+    n = packed.shape[0]
+    plan = launch_plan(n, x.shape[-1], group_size, block_n, block_k, split_k, num_warps, prefetch)
+    split = plan["split"]
     out = torch.empty((split, n) if split > 1 else (1, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)
-    if n:
-        int4_gemv_m1_kernel[(n_blocks, split)](
-            x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE,
-            GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=bool(prefetch),
-            num_warps=num_warps, num_stages=1, **launch_options(x.device),
-        )
+    _launch(x, packed, scales, zeros, group_size, plan, out)
     return out if split == 1 else out.sum(0, keepdim=True).to(x.dtype)
+
+
+def int4_gemv_m1_partials(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """The default launch's fp32 partial sums ``[split, N]`` (``launch_plan(...)["split"]`` K
+    slices, summed they are ``x @ W^T``): a compiled graph sums them in the kernel that consumes
+    the output (passes/int4_split_k.py) instead of in two kernels of their own."""
+    n = packed.shape[0]
+    plan = launch_plan(n, x.shape[-1], group_size)
+    out = torch.empty((plan["split"], n), dtype=torch.float32, device=x.device)
+    _launch(x, packed, scales, zeros, group_size, plan, out)
+    return out

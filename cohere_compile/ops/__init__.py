@@ -19,6 +19,7 @@ OPS = {
     "paged_attention": paged.paged_attention,
     "linear_cross_entropy": cross_entropy.linear_cross_entropy_op,
     "int4_linear": int4.int4_linear,
+    "int4_linear_partials": int4.int4_linear_partials,
 }
 
 __all__ = ["OPS", "UnsupportedInputError"]

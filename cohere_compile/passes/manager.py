@@ -21,6 +21,7 @@ from torch._inductor.pattern_matcher import PatternMatcherPass, stable_topologic
 
 from .. import ops  # noqa: F401  (registers the cohere:: ops the replacements call)
 from . import attention, causal_attention, layer_norm, linear_cross_entropy, paged_attention, qk_norm_rope, swiglu
+from .int4_split_k import sum_split_k_in_consumer
 from .merge_projections import merge_projections
 from .rope_kv_write import fuse_rope_into_kv_write
 
@@ -132,6 +133,10 @@ class CoherePassManager(CustomGraphPass):
                 counts[name] += int(found or 0)
         if self.merge_projections and not training:
             counts["merge_projections"] = merge_projections(graph)  # last: the passes above keep the projections
+        if not training:
+            split = sum_split_k_in_consumer(graph)  # after merging (a merged GEMV may split differently)
+            if split:  # (recorded only where it fires: one-row int4 GEMVs with few output blocks)
+                counts["int4_split_k"] = split
         if {"qk_norm_rope", "paged_attention"} <= set(self.passes) and not training:
             fused = fuse_rope_into_kv_write(graph)  # after qk_norm_rope made the rotation
             if fused:  # (recorded only where it fires: most graphs have no paged cache write)

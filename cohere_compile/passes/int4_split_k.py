@@ -1,0 +1,64 @@
+"""Sum a one-row int4 GEMV's split-K partials in the kernel that consumes its output (internal;
+runs on inference graphs with static shapes, i.e. ``cc.generate``'s decode step).
+
+A weight with few output blocks (Aya-8B's down projection: N = 4096, 32 blocks of 128 rows)
+splits K so the GPU fills (``kernels/int4_gemv_m1.auto_split_k``), and ``cohere::int4_linear``
+then sums the fp32 partials and casts them in two more kernels of its own: 64 short kernels per
+decode step that launch without PDL. Here ``int4_linear(x, ...)`` becomes
+``convert(sum(cohere::int4_linear_partials(x, ...), 0), x.dtype)`` as aten ops, which Inductor
+fuses into the consumer (the residual adds and the next layer's norm). Same math: the fp32 sum of
+the same partials, one rounding to x's dtype.
+
+Only where the op would run the word-wise kernel with a split (one row known at compile time,
+groups of >= 8, K a multiple of 8, a device Triton runs on) and only on inference graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import int4_gemv_m1
+from ..ops._dispatch import use_triton
+from .attention import _set_fake_val, _val
+
+aten, prims = torch.ops.aten, torch.ops.prims
+_LINEAR = torch.ops.cohere.int4_linear.default
+_PARTIALS = torch.ops.cohere.int4_linear_partials.default
+
+
+def _split_of(node: torch.fx.Node) -> int:
+    """The split-K slices the op would launch for this call (1: leave it alone)."""
+    x, packed, _, _, group_size = node.args
+    xv, pv = _val(x), _val(packed)
+    if not (isinstance(xv, torch.Tensor) and isinstance(pv, torch.Tensor)) or not use_triton(xv):
+        return 1
+    if any(not isinstance(d, int) for d in (*xv.shape, *pv.shape)):  # symbolic (dynamic prefill)
+        return 1
+    k = xv.shape[-1]
+    if xv.numel() != k or group_size < 8 or k % 8 or not pv.is_contiguous():
+        return 1
+    return int4_gemv_m1.launch_plan(pv.shape[0], k, group_size)["split"]
+
+
+def _call(graph: torch.fx.Graph, target, args) -> torch.fx.Node:
+    node = graph.call_function(target, args)
+    _set_fake_val(node)
+    return node
+
+
+def sum_split_k_in_consumer(graph: torch.fx.Graph) -> int:
+    """Rewrite every split one-row ``cohere::int4_linear``; returns how many."""
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.target is not _LINEAR or _split_of(node) < 2:
+            continue
+        out = _val(node)
+        with graph.inserting_before(node):
+            partials = _call(graph, _PARTIALS, node.args)
+            total = _call(graph, aten.sum.dim_IntList, (partials, [0], True))
+            cast = _call(graph, prims.convert_element_type.default, (total, out.dtype))
+            result = _call(graph, aten.view.default, (cast, list(out.shape)))
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten
