@@ -91,6 +91,10 @@ stage() {
     quant-pdl) python3 bench/quant.py --skip-train \
                  --variants int4_triton_generate,bf16_generate,int4_triton_inductor_pdl_generate \
                  --out quant_aya-8b_L32_decode_custom_pdl.json ;;  # the third may not fit a call
+    tests-int4-decode) python3 -m pytest -q -m gpu tests/test_int4_triton.py tests/test_pdl.py \
+                         -k "partials or triton_int4_generate or large_m or chain or m1_kernel" -rfE ;;
+    quant-split) python3 bench/quant.py --skip-train --variants int4_triton_generate,bf16_generate \
+                   --out quant_aya-8b_L32_decode_split_swiglu.json ;;  # split-K sums + SwiGLU in the down GEMV
     profile-int4) python3 bench/decode_profile.py --layers 32 --variants int4_triton --prompt 512 \
                     --name decode_profile_aya-8b_L32_int4_triton.json ;;
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;

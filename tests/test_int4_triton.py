@@ -179,12 +179,13 @@ from cohere_compile.kernels import int4_gemv_m1 as m1
 default = getattr(m1, sys.argv[1])  # the LARGE or SMALL launch knobs
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
-       "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32", "magic": "i32"}
+       "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32", "magic": "i32",
+       "u_ptr": "*bf16"}
 const = dict(GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"], EVEN=True,
-             PREFETCH=default["prefetch"], PDL=False)
+             PREFETCH=default["prefetch"], PDL=False, SWIGLU=sys.argv[2] == "1")
 sig.update({k: "constexpr" for k in const})
 names = list(sig)
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:10]}  # Aya shapes: all divisible by 16
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in [*names[:10], "u_ptr"]}  # Aya shapes: all divisible by 16
 src = ASTSource(fn=int4_gemv_m1_kernel, signature=sig, attrs=attrs,
                 constexprs={(names.index(k),): v for k, v in const.items()})
 kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": default["num_warps"], "num_stages": 1})
@@ -211,20 +212,23 @@ print(json.dumps({"loads": re.findall(r"ld\.global[.\w]*", ptx), "ptxas": info.s
 """
 
 
-@pytest.mark.parametrize("knobs,budget", [("LARGE", 4.5), ("SMALL", 6.0)])
-def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, budget):
+@pytest.mark.parametrize("knobs,swiglu,budget", [("LARGE", False, 4.5), ("SMALL", False, 6.0), ("LARGE", True, 4.6)])
+def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, budget):
     """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
     ~8.2 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay within
     ``budget`` SASS instructions per weight (when written: 3.9 with the LARGE knobs, the
     bandwidth-bound shapes; 5.7 with SMALL's 16 rows per program, which reuse x less), read the
-    words with 16-byte loads, use no int-to-float conversions and not spill."""
+    words with 16-byte loads, use no int-to-float conversions and not spill. With ``swiglu`` (the
+    down projection computing its input from gate and up) the activation is per step, not per
+    weight, so the budget barely moves."""
     import json
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", M1_SM90_COMPILE, knobs], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, "-c", M1_SM90_COMPILE, knobs, "1" if swiglu else "0"], capture_output=True,
+                         text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
@@ -471,6 +475,25 @@ def test_partials_op_sums_to_int4_linear(interpret, monkeypatch):
         torch.ops.cohere.int4_linear_partials(torch.randn(2, 160), packed, scales, zeros, 32)
 
 
+@pytest.mark.parametrize("interpret", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partials_op_computes_swiglu_as_it_reads_x(interpret, dtype, monkeypatch):
+    """With ``up`` the partials are those of ``swiglu(gate, up) @ W^T``: the activation, rounded as
+    the SwiGLU op rounds it, computed by the GEMV (kernel, interpreted) or the torch slices."""
+    _small_steps(monkeypatch)
+    packed, scales, zeros = random_layer(40, 160, 32, dtype, seed=10)
+    g = torch.Generator().manual_seed(11)
+    gate, up = (torch.randn(1, 1, 160, generator=g).to(dtype) for _ in range(2))
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    parts = torch.ops.cohere.int4_linear_partials(gate, packed, scales, zeros, 32, up)
+    act = torch.ops.cohere.swiglu(gate, up)
+    want = torch.ops.cohere.int4_linear_partials(act, packed, scales, zeros, 32)
+    assert parts.shape == want.shape == (5, 40)
+    assert rel_err(parts, want) < 1e-6  # the same activation values, so the same partials up to fp32 order
+    with pytest.raises(ValueError, match="must match the gate"):
+        torch.ops.cohere.int4_linear_partials(gate, packed, scales, zeros, 32, up[..., :80])
+
+
 def test_split_k_pass_sums_partials_in_the_consumer(monkeypatch):
     """A one-row int4 linear whose launch splits K becomes partials + sum + cast (aten ops the
     consumer's kernel absorbs); one that does not split, or two rows, stays."""
@@ -499,6 +522,45 @@ def test_split_k_pass_sums_partials_in_the_consumer(monkeypatch):
     two_rows = make_fx(f, tracing_mode="fake")(torch.randn(2, 160, dtype=torch.bfloat16), x_short, *split_layer,
                                                *whole_layer)
     assert sum_split_k_in_consumer(two_rows.graph) == 0
+
+
+def test_split_k_pass_fuses_a_swiglu_read_only_by_the_linear(monkeypatch):
+    """``int4_linear(swiglu(gate, up))`` -> ``partials(gate, ..., up)`` (the SwiGLU node goes), also
+    where K does not split; a SwiGLU output something else reads stays, and its split linear is
+    rewritten without the fusion."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from cohere_compile.passes.int4_split_k import sum_split_k_in_consumer
+
+    _small_steps(monkeypatch)
+    split_layer = random_layer(40, 160, 32, torch.bfloat16, seed=12)
+    whole_layer = random_layer(24, 32, 32, torch.bfloat16, seed=13)  # one step: no split
+
+    def fused(g, u, g2, u2, *bufs):
+        return (torch.ops.cohere.int4_linear(torch.ops.cohere.swiglu(g, u), *bufs[:3], 32),
+                torch.ops.cohere.int4_linear(torch.ops.cohere.swiglu(g2, u2), *bufs[3:], 32))
+
+    def shared(g, u, *bufs):
+        act = torch.ops.cohere.swiglu(g, u)
+        return torch.ops.cohere.int4_linear(act, *bufs, 32), act
+
+    gen = torch.Generator().manual_seed(14)
+    g, u = (torch.randn(1, 1, 160, generator=gen).to(torch.bfloat16) for _ in range(2))
+    g2, u2 = (torch.randn(1, 1, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    targets = lambda gm: [n.target for n in gm.graph.nodes]  # noqa: E731
+    gm = make_fx(fused, tracing_mode="fake")(g, u, g2, u2, *split_layer, *whole_layer)
+    assert sum_split_k_in_consumer(gm.graph) == 2
+    gm.recompile()
+    assert torch.ops.cohere.swiglu.default not in targets(gm)
+    assert torch.ops.cohere.int4_linear.default not in targets(gm)
+    got, got2 = gm(g, u, g2, u2, *split_layer, *whole_layer)
+    for out, (gate, up), layer in ((got, (g, u), split_layer), (got2, (g2, u2), whole_layer)):
+        want = torch.ops.cohere.int4_linear(torch.ops.cohere.swiglu(gate, up), *layer, 32)
+        assert out.shape == want.shape and out.dtype == torch.bfloat16
+        assert rel_err(out, want) < 1e-2
+    gm = make_fx(shared, tracing_mode="fake")(g, u, *split_layer)
+    assert sum_split_k_in_consumer(gm.graph) == 1
+    assert targets(gm).count(torch.ops.cohere.swiglu.default) == 1
 
 
 @pytest.mark.usefixtures("ops_torch_path")
@@ -623,6 +685,29 @@ def test_gpu_m1_kernel_at_aya_shapes(n, k):
         err = rel_err(out, ref)
         assert out.dtype == torch.bfloat16 and err < 8e-3, (knobs, err)
     assert rel_err(torch.ops.cohere.int4_linear(x, packed, scales, zeros, 128), ref) < 8e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 14336), (1024, 4096)])  # down (splits 8 ways), k/v (no split)
+def test_gpu_partials_with_and_without_swiglu_at_aya_shapes(n, k):
+    """The decode graph's form of the down projection: partials (fused SwiGLU or not) summed = the
+    reference of swiglu(gate, up) @ W^T; and the one-pass dequantization at that shape."""
+    from cohere_compile.kernels.int4_dequant import dequantize
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    packed, scales, zeros = quantize_int4(w, 128)
+    gate, up = (torch.randn(1, 1, k, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    act = torch.ops.cohere.swiglu(gate, up)
+    w64 = dequantize_int4(packed, scales, zeros, 128).double()
+    ref = act.view(1, k).double() @ w64.t()
+    fused = torch.ops.cohere.int4_linear_partials(gate, packed, scales, zeros, 128, up)
+    plain = torch.ops.cohere.int4_linear_partials(act, packed, scales, zeros, 128)
+    assert fused.shape == plain.shape == (m1.launch_plan(n, k, 128)["split"], n)
+    assert rel_err(fused.sum(0, keepdim=True), ref) < 8e-3 and rel_err(plain.sum(0, keepdim=True), ref) < 8e-3
+    assert rel_err(fused, plain) < 1e-5  # the same activation read two ways
+    dense = dequantize(packed, scales, zeros, 128, torch.bfloat16)
+    assert rel_err(dense, w64) < 4e-3
 
 
 @pytest.mark.gpu

@@ -67,15 +67,28 @@ def _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG: tl.const
 
 
 @triton.jit
-def _load_x(x_ptr, c, k_groups, NG: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
-    """x ``[NG, WPG, 8]`` (fp32) of loop step ``c``."""
+def _load_x(x_ptr, u_ptr, c, k_groups, NG: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr,
+            SWIGLU: tl.constexpr):
+    """x ``[NG, WPG, 8]`` (fp32) of loop step ``c``. ``SWIGLU``: x is ``silu(gate) * up`` of the
+    gate at ``x_ptr`` and the up at ``u_ptr``, rounded as ``swiglu.swiglu_kernel`` rounds (the
+    silu, then the product, to the input dtype): the down projection reads the MLP's activation
+    without a kernel of its own to write it."""
     g_idx = c * NG + tl.arange(0, NG)
     word = g_idx[:, None] * WPG + tl.arange(0, WPG)[None, :]
-    xp = x_ptr + word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    offs = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    g_ok = (g_idx < k_groups)[:, None, None]
     if EVEN:
-        x = tl.load(xp)
+        x = tl.load(x_ptr + offs)
     else:
-        x = tl.load(xp, mask=(g_idx < k_groups)[:, None, None], other=0.0)
+        x = tl.load(x_ptr + offs, mask=g_ok, other=0.0)
+    if SWIGLU:
+        if EVEN:
+            u = tl.load(u_ptr + offs).to(tl.float32)
+        else:
+            u = tl.load(u_ptr + offs, mask=g_ok, other=0.0).to(tl.float32)
+        g = x.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = (act * u).to(x_ptr.dtype.element_ty)
     return x.to(tl.float32)
 
 
@@ -102,8 +115,8 @@ def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
 
 @triton.jit
 def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_os, STEPS_PER_SPLIT,
-                        magic, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                        magic, u_ptr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EVEN: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP  # groups per step
@@ -122,19 +135,19 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
     # the store come after it.
     w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c0, n_ok, k_groups, NG, WPG, EVEN)
     wait_then_release(PDL)
-    x = _load_x(x_ptr, c0, k_groups, NG, WPG, EVEN)
+    x = _load_x(x_ptr, u_ptr, c0, k_groups, NG, WPG, EVEN, SWIGLU)
     for c in range(c0, c0 + STEPS_PER_SPLIT):
         # the next step (the last one again at the end: a redundant read of what is in cache)
         c_next = tl.minimum(c + 1, c_last)
         if PREFETCH:  # issue the next step's loads before this step's arithmetic
             w_n, s_n, z_n = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
-            x_n = _load_x(x_ptr, c_next, k_groups, NG, WPG, EVEN)
+            x_n = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
             acc += _step(w, x, s, z, magic, NG, WPG)
             w, s, z, x = w_n, s_n, z_n, x_n
         else:
             acc += _step(w, x, s, z, magic, NG, WPG)
             w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
-            x = _load_x(x_ptr, c_next, k_groups, NG, WPG, EVEN)
+            x = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -189,7 +202,8 @@ def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, blo
                 steps=steps, split=split, per_split=per_split)
 
 
-def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor) -> None:
+def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor, up: torch.Tensor | None = None) -> None:
+    """One launch of ``plan`` into ``out``; with ``up`` the input is ``swiglu(x, up)``."""
     if not supports(x, packed, group_size):
         raise ValueError(f"int4_gemv_m1: needs one row, group_size >= 8 and a contiguous 4-byte aligned packed "
                          f"weight; got x {tuple(x.shape)}, group_size={group_size}, packed contiguous="
@@ -198,13 +212,17 @@ def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor)
     if not n:
         return
     x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
+        raise ValueError(f"int4_gemv_m1: swiglu's up {tuple(up.shape)} {up.dtype} must match the gate "
+                         f"{tuple(x.shape)} {x.dtype}")
+    u = x if up is None else up.contiguous()
     words = packed.view(torch.int32)  # [N, K // 8]
     block_n, block_k, per_split = plan["block_n"], plan["block_k"], plan["per_split"]
     even = n % block_n == 0 and k % block_k == 0 and plan["steps"] % per_split == 0
     int4_gemv_m1_kernel[(plan["n_blocks"], plan["split"])](
-        x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE,
+        x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE, u,
         GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=plan["prefetch"],
-        num_warps=plan["num_warps"], num_stages=1, **launch_options(x.device),
+        SWIGLU=up is not None, num_warps=plan["num_warps"], num_stages=1, **launch_options(x.device),
     )
 
 
@@ -226,12 +244,13 @@ def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 
 def int4_gemv_m1_partials(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                          group_size: int) -> torch.Tensor:
+                          group_size: int, up: torch.Tensor | None = None) -> torch.Tensor:
     """The default launch's fp32 partial sums ``[split, N]`` (``launch_plan(...)["split"]`` K
-    slices, summed they are ``x @ W^T``): a compiled graph sums them in the kernel that consumes
-    the output (passes/int4_split_k.py) instead of in two kernels of their own."""
+    slices, summed they are ``x @ W^T``, or ``swiglu(x, up) @ W^T`` with ``up``): a compiled graph
+    sums them in the kernel that consumes the output (passes/int4_split_k.py) instead of in two
+    kernels of their own."""
     n = packed.shape[0]
     plan = launch_plan(n, x.shape[-1], group_size)
     out = torch.empty((plan["split"], n), dtype=torch.float32, device=x.device)
-    _launch(x, packed, scales, zeros, group_size, plan, out)
+    _launch(x, packed, scales, zeros, group_size, plan, out, up)
     return out

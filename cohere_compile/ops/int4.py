@@ -131,19 +131,28 @@ int4_linear.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("cohere::int4_linear_partials", mutates_args=())
 def int4_linear_partials(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                         group_size: int) -> torch.Tensor:
+                         group_size: int, up: torch.Tensor | None = None) -> torch.Tensor:
     """One row of ``x`` (any leading dims of size 1) -> fp32 ``[split, N]`` partial sums over the
     split-K slices of the word-wise GEMV's default launch (``kernels/int4_gemv_m1.launch_plan``);
-    their sum over dim 0 is ``int4_linear``'s result before its cast. Inference only (no autograd):
-    ``passes/int4_split_k.py`` puts it in decode graphs, where the sum joins the next kernel."""
+    their sum over dim 0 is ``int4_linear``'s result before its cast. With ``up``, the input is
+    ``cohere::swiglu(x, up)`` (x the gate), computed as the kernel reads it. Inference only (no
+    autograd): ``passes/int4_split_k.py`` puts it in decode graphs, where the sum joins the next kernel."""
     check_layout("cohere::int4_linear_partials", x, packed, scales, zeros, group_size)
     n, k = packed.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] != 1:
         raise ValueError(f"cohere::int4_linear_partials: takes one row, got {x2.shape[0]} (use cohere::int4_linear)")
+    if up is not None:
+        check_inputs("cohere::int4_linear_partials", up)
+        if up.shape != x.shape or up.dtype != x.dtype:
+            raise ValueError(f"cohere::int4_linear_partials: up {tuple(up.shape)} {up.dtype} must match the gate x "
+                             f"{tuple(x.shape)} {x.dtype}")
+        up = up.reshape(1, k)
     if use_triton(x) and kernel_m1.supports(x2, packed, group_size):
-        return kernel_m1.int4_gemv_m1_partials(x2, packed, scales, zeros, group_size)
+        return kernel_m1.int4_gemv_m1_partials(x2, packed, scales, zeros, group_size, up)
     # the same slices in fp32 torch (CPU without the interpreter, or a weight the kernel cannot view as words)
+    if up is not None:
+        x2 = torch.ops.cohere.swiglu(x2, up)
     plan = kernel_m1.launch_plan(n, k, group_size)
     w = dequantize_int4(packed, scales, zeros, group_size)
     width = plan["per_split"] * plan["block_k"]
@@ -152,6 +161,6 @@ def int4_linear_partials(x: torch.Tensor, packed: torch.Tensor, scales: torch.Te
 
 
 @int4_linear_partials.register_fake
-def _(x, packed, scales, zeros, group_size):
+def _(x, packed, scales, zeros, group_size, up=None):
     split = kernel_m1.launch_plan(packed.shape[0], x.shape[-1], group_size)["split"]
     return x.new_empty((split, packed.shape[0]), dtype=torch.float32)
