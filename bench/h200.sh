@@ -94,7 +94,10 @@ stage() {
     tests-int4-decode) python3 -m pytest -q -m gpu tests/test_int4_triton.py tests/test_pdl.py \
                          -k "partials or triton_int4_generate or large_m or chain or m1_kernel" -rfE ;;
     quant-split) python3 bench/quant.py --skip-train --variants int4_triton_generate,bf16_generate \
-                   --out quant_aya-8b_L32_decode_split_swiglu.json ;;  # split-K sums + SwiGLU in the down GEMV
+                   --out quant_aya-8b_L32_decode_split_swiglu.json ;;  # 2026-12-04: bf16 did not fit (see README)
+    quant-split-ab) python3 bench/quant.py --skip-train --prefill-prompt 0 \
+                      --variants int4_triton_generate,int4_triton_unfused_generate,bf16_generate \
+                      --out quant_aya-8b_L32_decode_split_ab.json ;;  # the split-K / SwiGLU pass on and off, same process
     profile-int4) python3 bench/decode_profile.py --layers 32 --variants int4_triton --prompt 512 \
                     --name decode_profile_aya-8b_L32_int4_triton.json ;;
     tests-paged) python3 -m pytest -q -m gpu tests/test_gpu_paged.py tests/test_merge_projections.py -rfE ;;

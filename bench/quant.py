@@ -42,11 +42,15 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
 # (on CUDA cc.generate runs each layer's five co-located int4 projections as one GEMV);
 # int4_triton_unmerged_generate: the same with merge_projections=False (five GEMVs per layer);
 # int4_triton_inductor_pdl_generate: our kernels launch without PDL (custom_op_pdl=False);
+# int4_triton_unfused_generate: without passes/int4_split_k.py (down's split-K sums and SwiGLU
+# as their own kernels, as before 2026-12-04);
 # int4_gemlite_generate: int4_kernel="gemlite" (torchao's gemlite-backed tensors; needs gemlite)
 DECODE_VARIANTS = ("bf16", "int4", "int4_cohere", "bf16_generate", "int4_generate", "int4_triton_generate",
-                   "int4_triton_unmerged_generate", "int4_triton_inductor_pdl_generate", "int4_gemlite_generate")
+                   "int4_triton_unmerged_generate", "int4_triton_inductor_pdl_generate", "int4_triton_unfused_generate",
+                   "int4_gemlite_generate")
 INT4_KERNEL_OF = {"int4_triton_generate": "triton", "int4_triton_unmerged_generate": "triton",
-                  "int4_triton_inductor_pdl_generate": "triton", "int4_gemlite_generate": "gemlite"}  # others: torchao
+                  "int4_triton_inductor_pdl_generate": "triton", "int4_triton_unfused_generate": "triton",
+                  "int4_gemlite_generate": "gemlite"}  # others: torchao
 # *_cohere: cc.optimize(regional, training rewrites, + fused loss) instead of plain torch.compile
 TRAIN_VARIANTS = ("bf16_lora", "qlora_nf4", "qlora_nf4_cohere")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -229,6 +233,8 @@ def bench_decode(args, results: dict | None = None, save=lambda: None) -> dict:
                 extra = {"merge_projections": False} if "unmerged" in variant else {}
                 if "inductor_pdl" in variant:
                     extra["custom_op_pdl"] = False
+                if "unfused" in variant:
+                    extra["inductor_options"] = {"int4_split_k": False}
                 r = decode_generate(cc.optimize(model, quantize=quantize, group_size=args.group_size,
                                                 int4_kernel=kernel), args, **extra)
                 print(f"decode {variant}: {r['tokens_per_s']:.1f} tok/s", flush=True)

@@ -23,6 +23,7 @@ class BackendOptions(NamedTuple):
     passes: tuple[str, ...]
     training_rewrites: bool
     merge_projections: bool  # internal: cc.generate's own compiles (passes/merge_projections.py)
+    int4_split_k: bool  # one-row int4 GEMVs' split-K sum (and SwiGLU) into their neighbours (passes/int4_split_k.py)
     activation_memory_budget: float | None  # None: PyTorch's own (1.0: save what the partitioner likes)
     inductor: dict[str, Any]  # Inductor config patches
 
@@ -41,6 +42,7 @@ def split_options(options: dict[str, Any] | None) -> BackendOptions:
     passes = options.pop("passes", DEFAULT_PASSES)
     training_rewrites = bool(options.pop("training_rewrites", False))
     merge = bool(options.pop("merge_projections", False))
+    int4_split_k = bool(options.pop("int4_split_k", True))
     budget = check_activation_memory_budget(options.pop("activation_memory_budget", None))
     if isinstance(passes, str):
         passes = [passes]
@@ -48,15 +50,15 @@ def split_options(options: dict[str, Any] | None) -> BackendOptions:
     if unknown:
         raise ValueError(
             f"cohere backend: unknown option(s) {unknown}; use 'passes', 'training_rewrites', "
-            f"'activation_memory_budget' or an Inductor config name (torch._inductor.config)"
+            f"'activation_memory_budget', 'int4_split_k' or an Inductor config name (torch._inductor.config)"
         )
-    return BackendOptions(tuple(passes), training_rewrites, merge, budget, options)
+    return BackendOptions(tuple(passes), training_rewrites, merge, int4_split_k, budget, options)
 
 
 def make_backend(options: dict[str, Any] | None = None):
     """A backend callable with fixed options (what ``cc.optimize`` hands to torch.compile)."""
     opts = split_options(options)
-    manager = CoherePassManager(opts.passes, opts.training_rewrites, opts.merge_projections)
+    manager = CoherePassManager(opts.passes, opts.training_rewrites, opts.merge_projections, opts.int4_split_k)
 
     def cohere_compiler(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
         patches = dict(opts.inductor)

@@ -241,7 +241,8 @@ def generate(
     timings: prefill_s, decode_s (wall, synchronised), decode_steps, prefills.
     ``compiled=False`` runs the model's eager forward (a reference path). ``inductor_options``
     are Inductor config patches for the compiled prefill and decode (on top of those given
-    to ``cc.optimize``). ``merge_projections`` puts each layer's q/k/v and gate/up weights back to
+    to ``cc.optimize``); they may also carry the backend's ``int4_split_k`` (default True:
+    passes/int4_split_k.py; ``False`` keeps one-row int4 GEMVs' own split-K sums and SwiGLU). ``merge_projections`` puts each layer's q/k/v and gate/up weights back to
     back in memory (``colocate.py``; same parameters and values) and computes each group as one
     matmul (``passes/merge_projections.py``); the layout is checked, and restored if something moved
     the weights, before every call. Default (``None``): on for a compiled CUDA model with plain

@@ -587,6 +587,9 @@ def test_generate_sums_split_k_in_the_decode_graph(monkeypatch):
     assert len(linears) == LINEARS * cfg.num_hidden_layers + 1
     assert all(m1.launch_plan(m.packed.shape[0], 2 * m.packed.shape[1], GROUP)["split"] > 1 for m in linears)
     assert [r.get("int4_split_k", 0) for r in rewrites] == [1, len(linears)], rewrites
+    with recording() as rewrites, torch._inductor.config.patch(force_disable_caches=True):  # the opt-out
+        assert cc.generate(model, prompts, 5, stop_tokens=(), inductor_options={"int4_split_k": False}) == eager
+    assert len(rewrites) == 2 and not any("int4_split_k" in r for r in rewrites), rewrites
 
 
 @pytest.mark.usefixtures("ops_torch_path")

@@ -245,6 +245,9 @@ def test_pass_manager_uuid():
     # the pass list is canonicalised, so order does not split the cache
     assert CoherePassManager(["swiglu", "layer_norm"]).uuid() == CoherePassManager(["layer_norm", "swiglu"]).uuid()
     assert CoherePassManager(PASS_NAMES).uuid() != a.uuid()
+    # each internal switch splits the cache too (a graph rewritten with it on is not served with it off)
+    assert CoherePassManager(["layer_norm"], merge_projections=True).uuid() != a.uuid()
+    assert CoherePassManager(["layer_norm"], int4_split_k=False).uuid() != a.uuid()
 
 
 def test_pass_manager_uuid_hashes_every_source_file(tmp_path, monkeypatch):

@@ -113,11 +113,12 @@ class CoherePassManager(CustomGraphPass):
     2.11's form of the layer graph too, the step was about 5% slower (peak 1.7 GB lower)."""
 
     def __init__(self, passes: Iterable[str] = DEFAULT_PASSES, training_rewrites: bool = False,
-                 merge_projections: bool = False):
+                 merge_projections: bool = False, int4_split_k: bool = True):
         self.passes = validate_pass_names(passes)
         self.training_rewrites = bool(training_rewrites)
         # internal (cc.generate only, which checks the weight layout it relies on before every call)
         self.merge_projections = bool(merge_projections)
+        self.int4_split_k = bool(int4_split_k)  # inference graphs; fires on one-row int4 GEMVs only
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         counts = {}
@@ -133,7 +134,7 @@ class CoherePassManager(CustomGraphPass):
                 counts[name] += int(found or 0)
         if self.merge_projections and not training:
             counts["merge_projections"] = merge_projections(graph)  # last: the passes above keep the projections
-        if not training:
+        if self.int4_split_k and not training:
             split = sum_split_k_in_consumer(graph)  # after merging (a merged GEMV may split differently)
             if split:  # (recorded only where it fires: one-row int4 GEMVs with few output blocks)
                 counts["int4_split_k"] = split
@@ -151,9 +152,9 @@ class CoherePassManager(CustomGraphPass):
 
     def uuid(self) -> str:
         key = (f"{_source_hash()}|{','.join(self.passes)}|training={self.training_rewrites}"
-               f"|merge={self.merge_projections}|{torch.__version__}")
+               f"|merge={self.merge_projections}|int4_split_k={self.int4_split_k}|{torch.__version__}")
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __repr__(self) -> str:
         return (f"CoherePassManager(passes={list(self.passes)}, training_rewrites={self.training_rewrites}, "
-                f"merge_projections={self.merge_projections})")
+                f"merge_projections={self.merge_projections}, int4_split_k={self.int4_split_k})")
