@@ -115,6 +115,16 @@ CUDA_DECODE_INDUCTOR = {"coordinate_descent_tuning": True, "triton.enable_pdl": 
 CUDA_GENERATE_PASSES = ("qk_norm_rope",)
 
 
+def _bucketed_blocks(blocks: int) -> int:
+    """Blocks per sequence of the default cache: a power of two, at least 2. The pool's shape is
+    part of both compiled graphs (decode is compiled for fixed shapes, and a dimension of size 1
+    is specialised even in the dynamic prefill graph), so sizing it to each request recompiled
+    at nearly every new request length (on the H200 a 32-layer recompile takes ~2 minutes);
+    buckets bound that to one compile per doubling, for at most twice the pool memory (pass a
+    ``cache`` to size it yourself)."""
+    return max(2, 1 << (max(1, blocks) - 1).bit_length())
+
+
 def warn_if_unverified_on_cuda(config, on_cuda: bool) -> None:
     """Say so where the compiled CUDA path is not known to be right: QK norm with GQA (Command R+)
     failed two GPU parity tests in two runs on 2026-12-02 and passed every re-run since; until the
@@ -237,7 +247,9 @@ def generate(
     (pass ``()`` to run every sequence to ``max_new_tokens``). ``callback(i, token)``
     streams each new token of prompt ``i``. Up to ``max_batch_size`` sequences (default:
     all prompts, at most 32) decode together; the rest wait for a free row. ``cache``
-    may be given (e.g. to size the pool); it is reset first. ``stats``, a dict, receives
+    may be given (e.g. to size the pool); it is reset first. The default one holds a power-of-two
+    number of blocks per sequence (at least 2) that fits the longest request, so requests of
+    similar length reuse the compiled graphs. ``stats``, a dict, receives
     timings: prefill_s, decode_s (wall, synchronised), decode_steps, prefills.
     ``compiled=False`` runs the model's eager forward (a reference path). ``inductor_options``
     are Inductor config patches for the compiled prefill and decode (on top of those given
@@ -266,7 +278,7 @@ def generate(
     longest = max(len(p) for p in prompts) + max_new_tokens
     if cache is None:
         rows = min(len(prompts), max_batch_size or 32)
-        blocks_per_seq = -(-longest // block_size)
+        blocks_per_seq = _bucketed_blocks(-(-longest // block_size))
         cache = PagedKVCache(config, rows, rows * blocks_per_seq * block_size, block_size=block_size,
                              dtype=dtype, device=device,
                              max_seq_len=blocks_per_seq * block_size)

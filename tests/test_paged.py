@@ -238,6 +238,29 @@ def test_generate_ragged_batch_matches_hf_greedy(use_qk_norm, kv_heads):
         assert [t for j, t in streamed if j == i] == refs[i]
 
 
+def test_generate_default_cache_buckets_its_size_so_requests_reuse_graphs(ops_torch_path, monkeypatch):
+    """The default cache holds a power of two of blocks per sequence (at least 2): the pool's shape
+    is static in the compiled graphs, so a request of another length in the same bucket compiles
+    nothing, and one past it compiles for the next bucket."""
+    import importlib
+
+    from cohere_compile.passes import recording
+
+    gen = importlib.import_module("cohere_compile.generate")
+    assert [gen._bucketed_blocks(b) for b in (0, 1, 2, 3, 4, 5, 9)] == [2, 2, 2, 4, 4, 8, 16]
+    built = []
+    monkeypatch.setattr(gen, "PagedKVCache", lambda *a, **k: built.append(k["max_seq_len"]) or cc.PagedKVCache(*a, **k))
+    model = _model(False, 2)
+    compiles = []
+    for length in (16, 100, 150, 40):  # + 8 new tokens, blocks of 64: 1, 2, 3, 1 blocks -> 2, 2, 4, 2
+        with recording() as graphs, torch._inductor.config.patch(force_disable_caches=True):
+            cc.generate(model, [[3 + i % 90 for i in range(length)]], 8, stop_tokens=(), block_size=64)
+        compiles.append(len(graphs))
+    assert built == [128, 128, 256, 128]
+    assert compiles[0] == 2 and compiles[2] >= 1  # prefill + decode; the new bucket's pool
+    assert compiles[3] == 0, compiles  # the first bucket again, another length: the graphs are reused
+
+
 def test_generate_stop_tokens_and_sampling():
     model = _model(True, 2)
     prompts = _prompts([6, 9])
