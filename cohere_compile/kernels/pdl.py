@@ -12,7 +12,8 @@ Every kernel that takes part calls ``wait_then_release(PDL)`` as its first state
 ``gdc_wait`` (before any load or store: writes must wait too, the previous kernel may still be
 reading the buffer), then ``gdc_launch_dependents`` (the next kernel may be launched now; it
 will itself wait). Correctness is transitive: a kernel can only finish after its own wait, so
-the wait also covers every kernel before.
+the wait also covers every kernel before. The one exception, the int4 M=1 GEMV, reads only model
+constants (its first step of weights) before the wait; tests/test_pdl.py checks both rules.
 
 Off unless asked for: ``launches(True)`` turns it on for the launches inside it (cc.generate's
 CUDA decode step, which CUDA graphs capture with the PDL edges), and only on CUDA devices of
