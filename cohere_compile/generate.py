@@ -256,8 +256,9 @@ def generate(
     to ``cc.optimize``); they may also carry the backend's ``int4_split_k`` (default True:
     passes/int4_split_k.py; ``False`` keeps one-row int4 GEMVs' own split-K sums and SwiGLU).
     ``merge_projections`` puts each layer's q/k/v and gate/up weights back to back in memory
-    (``colocate.py``; same parameters and values) and computes each group as one matmul (``passes/merge_projections.py``); the layout is checked, and restored if something moved
-    the weights, before every call. Default (``None``): on for a compiled CUDA model with plain
+    (``colocate.py``; same parameters and values) and computes each group as one matmul
+    (``passes/merge_projections.py``); the layout is checked, and restored if something moved the
+    weights, before every call. Default (``None``): on for a compiled CUDA model with plain
     weights (H200, Aya-8B: decode steps 8-9% faster at batch 1 and 32), off otherwise (CPU is not
     measured; quantized weights cannot be merged). ``True`` on a model that cannot be merged raises.
     ``passes`` chooses the passes of generate's own graphs (default: those ``cc.optimize`` chose,
