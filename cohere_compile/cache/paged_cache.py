@@ -65,6 +65,11 @@ class _PagedLayer(CacheLayerMixin):
         self.is_initialized = True
         torch._dynamo.mark_static_address(self.keys)
         torch._dynamo.mark_static_address(self.values)
+        # static shapes too: in the dynamic prefill graph a pool dimension left symbolic was duck-sized
+        # equal to the prompt length when they happened to match (4 blocks, 4 tokens), which then
+        # recompiled for the next prompt; the pool's shape changes only with a new cache anyway
+        torch._dynamo.mark_static(self.keys)
+        torch._dynamo.mark_static(self.values)
 
     def lazy_initialization(self, key_states, value_states) -> None:  # pools exist from the start
         pass
