@@ -12,6 +12,7 @@ import transformers
 import cohere_compile as cc
 from cohere_compile.colocate import all_colocated, ensure_colocated
 from cohere_compile.kernels import int4_gemv_m1 as m1
+from cohere_compile.kernels import next_pow2
 from cohere_compile.kernels.int4_gemv import MAX_M, auto_split_k, int4_gemv
 from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1
 from cohere_compile.ops import int4 as int4_ops
@@ -112,37 +113,12 @@ def test_m1_auto_split_k_only_for_few_column_blocks():
     assert m1.auto_split_k(n_blocks=2, steps=3) == 3  # never more slices than steps
 
 
-SM90_COMPILE = r"""
-import inspect, json, re, subprocess, sys, tempfile, os
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from cohere_compile.kernels.int4_gemv import int4_gemv, int4_gemv_kernel
+def _loads(ptx: str) -> list[str]:
+    return re.findall(r"ld\.global[.\w]*", ptx)
 
-default = {k: p.default for k, p in inspect.signature(int4_gemv).parameters.items()}  # what the launcher launches
 
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-result = {}
-for m in (1, 4, 16):
-    sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
-           "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32",
-           "stride_os": "i32", "CHUNKS_PER_SPLIT": "i32"}
-    const = dict(M=m, BLOCK_M=triton.next_power_of_2(m), GROUP=128, BLOCK_N=default["block_n"],
-                 BLOCK_K=default["block_k"], REDUCE_AT_END=m == 1, PDL=False)
-    sig.update({k: "constexpr" for k in const})
-    names = list(sig)
-    # what the launcher's specialization gives at Aya shapes: pointers and sizes divisible by 16
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names[:12]}
-    src = ASTSource(fn=int4_gemv_kernel, signature=sig, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in const.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": default["num_warps"], "num_stages": default["num_stages"]}).asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    result[m] = {"loads": re.findall(r"ld\.global[.\w]*", ptx), "ptxas": info.stderr + info.stdout,
-                 "rc": info.returncode, "int_to_float": re.findall(r"cvt\.rn\.f32\.[us]\d+", ptx)}
-print(json.dumps(result))
-"""
+def _int_to_float(ptx: str) -> list[str]:
+    return re.findall(r"cvt\.rn\.f32\.[us]\d+", ptx)
 
 
 def test_kernel_compiles_for_sm90_with_vector_loads():
@@ -150,66 +126,39 @@ def test_kernel_compiles_for_sm90_with_vector_loads():
     packed weights with 16-byte loads (byte-wise loads would waste the bandwidth), convert nibbles
     without int-to-float instructions (quarter rate: they would cap the kernel near half the
     H200's bandwidth), and assemble without register spills."""
-    import json
-    import os
-    import subprocess
-    import sys
+    import inspect
 
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # @triton.jit gives real JIT functions only without it
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    for m, r in result.items():
+    from sm90 import compile_sm90, spec
+
+    default = {k: p.default for k, p in inspect.signature(int4_gemv).parameters.items()}  # what the launcher launches
+    sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32",
+           "stride_os": "i32", "CHUNKS_PER_SPLIT": "i32"}
+    rows = (1, 4, 16)
+    specs = [spec("cohere_compile.kernels.int4_gemv.int4_gemv_kernel", sig,
+                  dict(M=m, BLOCK_M=next_pow2(m), GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"],
+                       REDUCE_AT_END=m == 1, PDL=False),
+                  {"num_warps": default["num_warps"], "num_stages": default["num_stages"]},
+                  divisible=list(sig)[:12]) for m in rows]
+    for m, r in zip(rows, compile_sm90(specs)):
+        loads = _loads(r["ptx"])
         assert r["rc"] == 0, r["ptxas"]
-        assert "ld.global.v4.b32" in r["loads"], (m, sorted(set(r["loads"])))
-        assert "ld.global.b8" not in r["loads"] and "ld.global.u8" not in r["loads"], (m, sorted(set(r["loads"])))
+        assert "ld.global.v4.b32" in loads, (m, sorted(set(loads)))
+        assert "ld.global.b8" not in loads and "ld.global.u8" not in loads, (m, sorted(set(loads)))
         assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
-        assert not r["int_to_float"], (m, r["int_to_float"][:4])
+        assert not _int_to_float(r["ptx"]), (m, _int_to_float(r["ptx"])[:4])
 
 
-M1_SM90_COMPILE = r"""
-import json, os, re, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1_kernel
-
-import sys
-from cohere_compile.kernels import int4_gemv_m1 as m1
-default = getattr(m1, sys.argv[1])  # the LARGE or SMALL launch knobs
-bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
-       "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32", "magic": "i32",
-       "u_ptr": "*bf16"}
-const = dict(GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"], EVEN=True,
-             PREFETCH=default["prefetch"], PDL=False, SWIGLU=sys.argv[2] == "1")
-sig.update({k: "constexpr" for k in const})
-names = list(sig)
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in [*names[:10], "u_ptr"]}  # Aya shapes: all divisible by 16
-src = ASTSource(fn=int4_gemv_m1_kernel, signature=sig, attrs=attrs,
-                constexprs={(names.index(k),): v for k, v in const.items()})
-kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": default["num_warps"], "num_stages": 1})
-ptx = kernel.asm["ptx"]
-with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-    f.write(ptx)
-info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                      capture_output=True, text=True)
-with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-    f.write(kernel.asm["cubin"])
-sass = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
-lines = sass.splitlines()
-loops = []  # (label line, backward branch line) of each loop
-for i, line in enumerate(lines):
-    m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
-    if m:
-        loops += [(j, i) for j in range(i) if lines[j].startswith(m.group(1) + ":")]
-start, end = max(loops, key=lambda p: p[1] - p[0])
-body = [l for l in lines[start:end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", l)]
-weights_per_thread = const["BLOCK_N"] * const["BLOCK_K"] / (32 * default["num_warps"])
-print(json.dumps({"loads": re.findall(r"ld\.global[.\w]*", ptx), "ptxas": info.stderr + info.stdout,
-                  "rc": info.returncode, "int_to_float": re.findall(r"cvt\.rn\.f32\.[us]\d+", ptx),
-                  "per_weight": len(body) / weights_per_thread}))
-"""
+def _k_loop_instructions(sass: str) -> int:
+    """SASS instructions in the longest loop (label to backward branch): the K loop."""
+    lines = sass.splitlines()
+    loops = []  # (label line, backward branch line) of each loop
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m:
+            loops += [(j, i) for j in range(i) if lines[j].startswith(m.group(1) + ":")]
+    start, end = max(loops, key=lambda p: p[1] - p[0])
+    return len([line for line in lines[start:end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line)])
 
 
 @pytest.mark.parametrize("knobs,swiglu,budget", [("LARGE", False, 4.5), ("SMALL", False, 6.0), ("LARGE", True, 4.6)])
@@ -217,26 +166,29 @@ def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, bud
     """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
     ~8.2 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay within
     ``budget`` SASS instructions per weight (when written: 3.9 with the LARGE knobs, the
-    bandwidth-bound shapes; 5.7 with SMALL's 16 rows per program, which reuse x less), read the
+    bandwidth-bound shapes; 5.7 with SMALL's 16 rows per program, which reuse x less; 5.4 since
+    2026-12-04), read the
     words with 16-byte loads, use no int-to-float conversions and not spill. With ``swiglu`` (the
     down projection computing its input from gate and up) the activation is per step, not per
-    weight, so the budget barely moves."""
-    import json
-    import os
-    import subprocess
-    import sys
+    weight, so the budget barely moves (4.0)."""
+    from sm90 import compile_sm90, spec
 
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", M1_SM90_COMPILE, knobs, "1" if swiglu else "0"], capture_output=True,
-                         text=True, env=env,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    r = json.loads(run.stdout.strip().splitlines()[-1])
+    default = getattr(m1, knobs)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
+           "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32",
+           "magic": "i32", "u_ptr": "*bf16"}
+    const = dict(GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"], EVEN=True,
+                 PREFETCH=default["prefetch"], PDL=False, SWIGLU=swiglu)
+    (r,) = compile_sm90([spec("cohere_compile.kernels.int4_gemv_m1.int4_gemv_m1_kernel", sig, const,
+                              {"num_warps": default["num_warps"], "num_stages": 1},
+                              divisible=[*list(sig)[:10], "u_ptr"])])  # Aya shapes: all divisible by 16
     assert r["rc"] == 0, r["ptxas"]
-    assert "ld.global.v4.b32" in r["loads"], sorted(set(r["loads"]))
+    assert "ld.global.v4.b32" in _loads(r["ptx"]), sorted(set(_loads(r["ptx"])))
     assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
-    assert not r["int_to_float"], r["int_to_float"][:4]
-    assert r["per_weight"] <= budget, r["per_weight"]
+    assert not _int_to_float(r["ptx"]), _int_to_float(r["ptx"])[:4]
+    weights_per_thread = const["BLOCK_N"] * const["BLOCK_K"] / (32 * default["num_warps"])
+    per_weight = _k_loop_instructions(r["sass"]) / weights_per_thread
+    assert per_weight <= budget, per_weight
 
 
 def test_auto_split_k_fills_the_gpu_only_when_needed():

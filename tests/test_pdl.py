@@ -10,10 +10,6 @@ graph with PDL, equals the same chain without.
 import ast
 import importlib
 import inspect
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -127,37 +123,20 @@ def test_every_decode_launcher_asks_for_pdl(monkeypatch):
     assert asked == ["cpu"] * 10
 
 
-SM90_PTX = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from cohere_compile.kernels.layer_norm import layer_norm_kernel
-from cohere_compile.kernels.swiglu import swiglu_kernel
-
-pdl = sys.argv[1] == "1"
-out = {}
-for name, fn, sig, const in (
-    ("layer_norm", layer_norm_kernel,
-     {"x_ptr": "*bf16", "a_ptr": "*bf16", "m_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16", "out_ptr": "*bf16",
-      "n_cols": "i32", "eps": "fp32"}, {"HAS_ADDS": True, "BLOCK": 4096, "PDL": pdl}),
-    ("swiglu", swiglu_kernel, {"g_ptr": "*bf16", "u_ptr": "*bf16", "o_ptr": "*bf16", "n": "i32"},
-     {"BLOCK": 1024, "PDL": pdl}),
-):
-    sig = {**sig, **{k: "constexpr" for k in const}}
-    names = list(sig)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    out[name] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-print(json.dumps(out))
-"""
-
-
 def _sm90_ptx(pdl_on: bool) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # real JIT functions, compiled for sm_90 without a GPU
-    run = subprocess.run([sys.executable, "-c", SM90_PTX, "1" if pdl_on else "0"], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    """Layer norm (with the fused adds) and SwiGLU compiled for sm_90 with PDL on or off."""
+    from sm90 import compile_sm90, spec
+
+    specs = {
+        "layer_norm": spec("cohere_compile.kernels.layer_norm.layer_norm_kernel",
+                           {"x_ptr": "*bf16", "a_ptr": "*bf16", "m_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16",
+                            "out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32"},
+                           {"HAS_ADDS": True, "BLOCK": 4096, "PDL": pdl_on}, {"num_warps": 4}),
+        "swiglu": spec("cohere_compile.kernels.swiglu.swiglu_kernel",
+                       {"g_ptr": "*bf16", "u_ptr": "*bf16", "o_ptr": "*bf16", "n": "i32"},
+                       {"BLOCK": 1024, "PDL": pdl_on}, {"num_warps": 4}),
+    }
+    return {name: r["ptx"] for name, r in zip(specs, compile_sm90(list(specs.values())))}
 
 
 def test_sm90_ptx_waits_before_the_first_global_access():
