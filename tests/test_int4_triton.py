@@ -18,7 +18,7 @@ from cohere_compile.kernels.int4_gemv_m1 import int4_gemv_m1
 from cohere_compile.ops import int4 as int4_ops
 from cohere_compile.ops.int4 import dequantize_int4, pack_int4, unpack_int4
 from cohere_compile.passes import PASS_NAMES
-from cohere_compile.quant import Int4TritonLinear, is_quantized, quantize_int4, quantize_model
+from cohere_compile.quant import Int4TritonLinear, quantize_int4, quantize_model
 from conftest import make_model, padded_inputs, rel_err, tiny_config
 
 GROUP = 32  # tiny hidden 64 / intermediate 96: the group must divide every in_features
