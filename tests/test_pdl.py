@@ -123,33 +123,37 @@ def test_every_decode_launcher_asks_for_pdl(monkeypatch):
     assert asked == ["cpu"] * 10
 
 
-def _sm90_ptx(pdl_on: bool) -> dict:
-    """Layer norm (with the fused adds) and SwiGLU compiled for sm_90 with PDL on or off."""
+def _sm90_ptx() -> dict:
+    """Layer norm (with the fused adds) and SwiGLU compiled for sm_90, keyed (name, PDL on)."""
     from sm90 import compile_sm90, spec
 
-    specs = {
-        "layer_norm": spec("cohere_compile.kernels.layer_norm.layer_norm_kernel",
-                           {"x_ptr": "*bf16", "a_ptr": "*bf16", "m_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16",
-                            "out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32"},
-                           {"HAS_ADDS": True, "BLOCK": 4096, "PDL": pdl_on}, {"num_warps": 4}),
-        "swiglu": spec("cohere_compile.kernels.swiglu.swiglu_kernel",
-                       {"g_ptr": "*bf16", "u_ptr": "*bf16", "o_ptr": "*bf16", "n": "i32"},
-                       {"BLOCK": 1024, "PDL": pdl_on}, {"num_warps": 4}),
-    }
-    return {name: r["ptx"] for name, r in zip(specs, compile_sm90(list(specs.values())))}
+    specs = {}
+    for pdl_on in (True, False):
+        specs["layer_norm", pdl_on] = spec(
+            "cohere_compile.kernels.layer_norm.layer_norm_kernel",
+            {"x_ptr": "*bf16", "a_ptr": "*bf16", "m_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16",
+             "out_ptr": "*bf16", "n_cols": "i32", "eps": "fp32"},
+            {"HAS_ADDS": True, "BLOCK": 4096, "PDL": pdl_on}, {"num_warps": 4})
+        specs["swiglu", pdl_on] = spec("cohere_compile.kernels.swiglu.swiglu_kernel",
+                                       {"g_ptr": "*bf16", "u_ptr": "*bf16", "o_ptr": "*bf16", "n": "i32"},
+                                       {"BLOCK": 1024, "PDL": pdl_on}, {"num_warps": 4})
+    return {key: r["ptx"] for key, r in zip(specs, compile_sm90(list(specs.values())))}
 
 
 def test_sm90_ptx_waits_before_the_first_global_access():
     """The wait must come before every load and store in the compiled code, not only in the
     source: Triton may not hoist a load above it. Without PDL there is no griddepcontrol."""
-    for name, ptx in _sm90_ptx(True).items():
+    compiled = _sm90_ptx()
+    for (name, pdl_on), ptx in compiled.items():
+        if not pdl_on:
+            assert "griddepcontrol" not in ptx, name
+            continue
         lines = ptx.splitlines()
         wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
         release = next(i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line)
         first_access = next(i for i, line in enumerate(lines) if "ld.global" in line or "st.global" in line)
         assert wait < release < first_access, (name, wait, release, first_access)
-    for name, ptx in _sm90_ptx(False).items():
-        assert "griddepcontrol" not in ptx, name
+    assert len(compiled) == 4
 
 
 def test_generate_launches_the_decode_step_with_pdl_only(monkeypatch, ops_torch_path):

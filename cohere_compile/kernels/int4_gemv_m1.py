@@ -16,8 +16,9 @@ Tile: ``[BLOCK_N, BLOCK_K // G, G // 8]`` words per loop step; the x values of a
 once per program and reused by all the rows a thread holds, so large ``BLOCK_N`` amortizes them.
 ``PREFETCH`` loads the next step's words (and scales, zeros, x) before computing the current one,
 to keep more bytes in flight per thread. Under PDL (``kernels/pdl.py``) the first step's words,
-scales and zeros are read before the wait for the previous kernel (they are constants); x after. ``SPLIT_K > 1`` writes fp32 partials ``[SPLIT_K, N]``
-summed by the launcher (deterministic, no atomics).
+scales and zeros are read before the wait for the previous kernel (they are constants); x after.
+``SPLIT_K > 1`` writes fp32 partials ``[SPLIT_K, N]`` summed by the launcher (deterministic, no
+atomics), or by the caller (``int4_gemv_m1_partials``).
 """
 
 import torch
@@ -26,6 +27,7 @@ import triton.language as tl
 
 from .int4_gemv import split_slices
 from .pdl import launch_options, wait_then_release
+from .swiglu import silu_times
 
 MAGIC_ONE = 0x3F800000  # fp32 1.0
 SM_COUNT_GUESS = 132  # H200; only used to decide when to split K (few column blocks)
@@ -86,9 +88,7 @@ def _load_x(x_ptr, u_ptr, c, k_groups, NG: tl.constexpr, WPG: tl.constexpr, EVEN
             u = tl.load(u_ptr + offs).to(tl.float32)
         else:
             u = tl.load(u_ptr + offs, mask=g_ok, other=0.0).to(tl.float32)
-        g = x.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
-        x = (act * u).to(x_ptr.dtype.element_ty)
+        x = silu_times(x.to(tl.float32), u, x_ptr.dtype.element_ty)
     return x.to(tl.float32)
 
 
@@ -152,12 +152,17 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+def supports_layout(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
+    """``supports`` without the alignment check, which needs real storage: what a graph pass can
+    tell from fake tensors."""
+    k = x.shape[-1]
+    return x.numel() == k and group_size >= 8 and k % 8 == 0 and packed.is_contiguous()
+
+
 def supports(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
     """One row, groups of >= 8 (a group is whole int32 words) and a packed tensor that can be
     viewed as int32 rows (contiguous, 4-byte aligned)."""
-    k = x.shape[-1]
-    return (x.numel() == k and group_size >= 8 and k % 8 == 0 and packed.is_contiguous()
-            and packed.data_ptr() % 4 == 0)
+    return supports_layout(x, packed, group_size) and packed.data_ptr() % 4 == 0
 
 
 def auto_split_k(n_blocks: int, steps: int) -> int:

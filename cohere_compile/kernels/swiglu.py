@@ -9,14 +9,21 @@ from .pdl import launch_options, wait_then_release
 
 
 @triton.jit
+def silu_times(g, u, dtype: tl.constexpr):
+    """``silu(g) * u`` from fp32 ``g`` and ``u``, rounded to ``dtype`` as eager rounds it: the
+    silu, then the product (also the int4 down-projection GEMV's fused input)."""
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (act * u).to(dtype)
+
+
+@triton.jit
 def swiglu_kernel(g_ptr, u_ptr, o_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_then_release(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(o_ptr + offs, (act * u).to(o_ptr.dtype.element_ty), mask=valid)
+    tl.store(o_ptr + offs, silu_times(g, u, o_ptr.dtype.element_ty), mask=valid)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -61,9 +61,10 @@ def dequantize_matmul(x2: torch.Tensor, packed, scales, zeros, group_size: int) 
     w_dtype = x2.dtype if cuda else torch.float32
     out = torch.empty((x2.shape[0], packed.shape[0]), dtype=x2.dtype, device=x2.device)
     xf = x2 if cuda else x2.float()
+    triton_pass = use_triton(x2)
     for n0 in range(0, packed.shape[0], DEQUANT_ROWS):
         rows = slice(n0, n0 + DEQUANT_ROWS)
-        if use_triton(x2):
+        if triton_pass:
             w = kernel_dequant.dequantize(packed[rows], scales[rows], zeros[rows], group_size, w_dtype)
         else:
             w = dequantize_int4(packed[rows], scales[rows], zeros[rows], group_size).to(w_dtype)

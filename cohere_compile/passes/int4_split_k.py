@@ -40,10 +40,9 @@ def _split_of(node: torch.fx.Node) -> int | None:
         return None
     if any(not isinstance(d, int) for d in (*xv.shape, *pv.shape)):  # symbolic (dynamic prefill)
         return None
-    k = xv.shape[-1]
-    if xv.numel() != k or group_size < 8 or k % 8 or not pv.is_contiguous():
+    if not int4_gemv_m1.supports_layout(xv, pv, group_size):
         return None
-    return int4_gemv_m1.launch_plan(pv.shape[0], k, group_size)["split"]
+    return int4_gemv_m1.launch_plan(pv.shape[0], xv.shape[-1], group_size)["split"]
 
 
 def _swiglu_input(node: torch.fx.Node) -> torch.fx.Node | None:
