@@ -62,6 +62,10 @@ stage() {
     paged-kernel) python3 bench/paged_kernel.py ;;
     int4-gemv) python3 bench/int4_gemv.py --m 1 --sweep ;;
     int4-gemv-m1) python3 bench/int4_gemv.py --m 1 --sweep --out int4_gemv_m1_aya-8b_cuda.json ;;  # the word-wise kernel's knobs
+    int4-gemv-stages) python3 bench/int4_gemv.py --m 1 --sweep --shapes merged_qkv_gate_up,down_proj \
+                        --out int4_gemv_m1_stages.json ;;  # Triton's cp.async pipeline (stages) vs register prefetch
+    int4-gemv-stages-small) python3 bench/int4_gemv.py --m 1 --sweep --shapes q_o_proj,lm_head \
+                              --out int4_gemv_m1_stages_small.json ;;
     tests-int4) python3 -m pytest -q -m gpu tests/test_int4_triton.py -rfE ;;
     prefill) python3 bench/prefill.py --try swiglu,attention ;;  # (--ablation: ~18 variants, B1 alone fills a call)
     prefill-plus-b1|prefill-plus-b4)  # does adding layer_norm, qk_norm_rope or merged projections to the default pay?

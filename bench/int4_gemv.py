@@ -32,15 +32,18 @@ from bench.common import call_times_ms, copy_bandwidth_gbs, cuda_graph_time_s, w
 from bench.quant import tensor_bytes  # noqa: E402
 
 AYA_SHAPES = {"kv_proj": (1024, 4096), "q_o_proj": (4096, 4096), "gate_up_proj": (14336, 4096),
-              "down_proj": (4096, 14336), "lm_head": (256000, 4096)}
+              "down_proj": (4096, 14336), "lm_head": (256000, 4096),
+              "merged_qkv_gate_up": (4096 + 2 * 1024 + 2 * 14336, 4096)}  # what merge_projections decodes with
 TINY_SHAPES = {"kv_proj": (48, 256), "down_proj": (64, 512)}
 SWEEP = dict(block_n=(8, 16, 32), block_k=(256, 512, 1024), split_k=(None, 1), num_warps=(4, 8), num_stages=(2,),
              reduce_at_end=(None, False))
 SWEEP_WIDE = dict(block_n=(4, 8, 16, 32, 64), block_k=(128, 256, 512, 1024), split_k=(None, 1, 2, 4),
                   num_warps=(2, 4, 8), num_stages=(1, 2, 3), reduce_at_end=(None, False))
-SWEEP_M1 = dict(block_n=(16, 32, 64, 128, 256), block_k=(128, 256, 512), split_k=(None, 1), num_warps=(4, 8),
-                prefetch=(True, False))
-SWEEP_M1_TINY = dict(block_n=(16, 32), block_k=(128,), split_k=(None, 1), num_warps=(4,), prefetch=(True, False))
+# stages > 1 is Triton's shared-memory pipeline (prefetch is then unused: only False is timed)
+SWEEP_M1 = dict(block_n=(64, 128, 256), block_k=(256, 512), split_k=(None,), num_warps=(4, 8),
+                prefetch=(True, False), stages=(1, 3, 5))
+SWEEP_M1_TINY = dict(block_n=(16, 32), block_k=(128,), split_k=(None, 1), num_warps=(4,), prefetch=(True, False),
+                     stages=(1, 3))
 SWEEP_TINY = dict(block_n=(16,), block_k=(128, 256), split_k=(None, 1), num_warps=(4,), num_stages=(2,),
                   reduce_at_end=(None, False))
 
@@ -111,6 +114,8 @@ def bench_shape(name, n, k, m, args, device) -> dict:
                 continue  # the same kernel as None for M > 1
             if m == 1 and knobs["split_k"] == 1 and m1_auto_split_k(-(-n // knobs["block_n"]), 2) == 1:
                 continue  # auto split is 1 here too: the same launch as split_k=None
+            if m == 1 and knobs["stages"] > 1 and knobs["prefetch"]:
+                continue  # the pipelined kernel ignores prefetch
             try:
                 s = time_s(lambda: fn(x, packed, scales, zeros, args.group_size, **knobs), device, args.calls)
             except Exception as e:  # noqa: BLE001  (e.g. out of shared memory for a large tile)

@@ -66,20 +66,23 @@ def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k,
     assert err < (2e-5 if dtype == torch.float32 else 8e-3), err
 
 
-@pytest.mark.parametrize("n,k,group_size,block_n,block_k,split_k,prefetch,dtype", [
-    (37, 192, 32, 16, 64, 1, True, torch.float32),  # N not a multiple of BLOCK_N, a partial last step
-    (37, 192, 32, 16, 64, 1, False, torch.float32),
-    (64, 256, 64, 32, 128, None, True, torch.float32),  # auto split-K (2 column blocks)
-    (70, 384, 128, 32, 128, 2, True, torch.bfloat16),  # 3 steps over 2 slices, the last one shorter
-    (50, 512, 8, 16, 64, 3, True, torch.float32),  # one-word groups
-    (128, 1024, 128, 64, 256, 1, False, torch.bfloat16),  # every mask compiled out (EVEN)
-    (21, 256, 256, 8, 128, None, False, torch.float16),  # block_k raised to the group
+@pytest.mark.parametrize("n,k,group_size,block_n,block_k,split_k,prefetch,stages,dtype", [
+    (37, 192, 32, 16, 64, 1, True, 1, torch.float32),  # N not a multiple of BLOCK_N, a partial last step
+    (37, 192, 32, 16, 64, 1, False, 1, torch.float32),
+    (37, 192, 32, 16, 64, 1, False, 3, torch.float32),  # Triton's pipeline (stages > 1), masked
+    (64, 256, 64, 32, 128, None, True, 1, torch.float32),  # auto split-K (2 column blocks)
+    (70, 384, 128, 32, 128, 2, True, 1, torch.bfloat16),  # 3 steps over 2 slices, the last one shorter
+    (70, 384, 128, 32, 128, 2, False, 4, torch.bfloat16),  # the same, pipelined
+    (50, 512, 8, 16, 64, 3, True, 1, torch.float32),  # one-word groups
+    (128, 1024, 128, 64, 256, 1, False, 1, torch.bfloat16),  # every mask compiled out (EVEN)
+    (128, 1024, 128, 64, 256, 1, False, 3, torch.bfloat16),  # EVEN, pipelined
+    (21, 256, 256, 8, 128, None, False, 1, torch.float16),  # block_k raised to the group
 ])
-def test_m1_kernel_matches_float64_reference(n, k, group_size, block_n, block_k, split_k, prefetch, dtype):
+def test_m1_kernel_matches_float64_reference(n, k, group_size, block_n, block_k, split_k, prefetch, stages, dtype):
     packed, scales, zeros = random_layer(n, k, group_size, dtype, seed=n)
     x = torch.randn(1, k).to(dtype)
     out = int4_gemv_m1(x, packed, scales, zeros, group_size, block_n=block_n, block_k=block_k, split_k=split_k,
-                       prefetch=prefetch)
+                       prefetch=prefetch, stages=stages)
     assert out.dtype == dtype and out.shape == (1, n)
     # each nibble sits 4 bits below 1.0's leading bit, so fp32 keeps ~19 bits of x * q (1e-6 measured)
     err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
@@ -161,7 +164,11 @@ def _k_loop_instructions(sass: str) -> int:
     return len([line for line in lines[start:end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line)])
 
 
-@pytest.mark.parametrize("knobs,swiglu,budget", [("LARGE", False, 4.5), ("SMALL", False, 6.0), ("LARGE", True, 4.6)])
+PIPELINED = dict(block_n=128, block_k=256, num_warps=4, prefetch=False, stages=4)  # Triton's cp.async pipeline
+
+
+@pytest.mark.parametrize("knobs,swiglu,budget", [("LARGE", False, 4.5), ("SMALL", False, 6.0), ("LARGE", True, 4.6),
+                                                 ("PIPELINED", False, 4.5)])
 def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, budget):
     """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
     ~8.2 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay within
@@ -173,17 +180,21 @@ def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, bud
     weight, so the budget barely moves (4.0)."""
     from sm90 import compile_sm90, spec
 
-    default = getattr(m1, knobs)
+    default = PIPELINED if knobs == "PIPELINED" else getattr(m1, knobs)
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
            "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32",
            "magic": "i32", "u_ptr": "*bf16"}
     const = dict(GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"], EVEN=True,
-                 PREFETCH=default["prefetch"], PDL=False, SWIGLU=swiglu)
+                 PREFETCH=default["prefetch"], PDL=False, SWIGLU=swiglu, STAGES=default["stages"])
     (r,) = compile_sm90([spec("cohere_compile.kernels.int4_gemv_m1.int4_gemv_m1_kernel", sig, const,
-                              {"num_warps": default["num_warps"], "num_stages": 1},
+                              {"num_warps": default["num_warps"], "num_stages": default["stages"]},
                               divisible=[*list(sig)[:10], "u_ptr"])])  # Aya shapes: all divisible by 16
     assert r["rc"] == 0, r["ptxas"]
-    assert "ld.global.v4.b32" in _loads(r["ptx"]), sorted(set(_loads(r["ptx"])))
+    if default["stages"] > 1:  # the words go through shared memory, 16 bytes per copy
+        assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10", r["ptx"]), \
+            sorted(set(re.findall(r"cp\.async\S*", r["ptx"])))
+    else:
+        assert "ld.global.v4.b32" in _loads(r["ptx"]), sorted(set(_loads(r["ptx"])))
     assert re.search(r"\b0 bytes spill stores", r["ptxas"]), r["ptxas"]
     assert not _int_to_float(r["ptx"]), _int_to_float(r["ptx"])[:4]
     weights_per_thread = const["BLOCK_N"] * const["BLOCK_K"] / (32 * default["num_warps"])
@@ -637,7 +648,8 @@ def test_gpu_m1_kernel_at_aya_shapes(n, k):
     x = torch.randn(1, k, device="cuda", generator=g, dtype=torch.bfloat16)
     ref = x.double() @ dequantize_int4(packed, scales, zeros, 128).double().t()
     for knobs in ({}, {"split_k": 1}, {"split_k": 4, "prefetch": False}, {"block_n": 16, "block_k": 512},
-                  {"block_n": 256, "block_k": 128, "num_warps": 8}):
+                  {"block_n": 256, "block_k": 128, "num_warps": 8}, {"stages": 4}, {"stages": 3, "split_k": 4},
+                  {"block_n": 64, "block_k": 512, "stages": 5, "num_warps": 8}):
         out = int4_gemv_m1(x, packed, scales, zeros, 128, **knobs)
         err = rel_err(out, ref)
         assert out.dtype == torch.bfloat16 and err < 8e-3, (knobs, err)

@@ -116,7 +116,8 @@ def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
 @triton.jit
 def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_os, STEPS_PER_SPLIT,
                         magic, u_ptr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr):
+                        EVEN: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
+                        STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP  # groups per step
@@ -136,18 +137,27 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
     w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c0, n_ok, k_groups, NG, WPG, EVEN)
     wait_then_release(PDL)
     x = _load_x(x_ptr, u_ptr, c0, k_groups, NG, WPG, EVEN, SWIGLU)
-    for c in range(c0, c0 + STEPS_PER_SPLIT):
-        # the next step (the last one again at the end: a redundant read of what is in cache)
-        c_next = tl.minimum(c + 1, c_last)
-        if PREFETCH:  # issue the next step's loads before this step's arithmetic
-            w_n, s_n, z_n = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
-            x_n = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
+    if STAGES > 1:
+        # Triton's software pipeline: the loop's loads go to shared memory (cp.async) STAGES - 1
+        # steps ahead, more bytes in flight per SM than registers can hold (and fewer registers)
+        acc += _step(w, x, s, z, magic, NG, WPG)
+        for c in tl.range(c0 + 1, c0 + STEPS_PER_SPLIT, num_stages=STAGES):
+            w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG, WPG, EVEN)
+            x = _load_x(x_ptr, u_ptr, c, k_groups, NG, WPG, EVEN, SWIGLU)
             acc += _step(w, x, s, z, magic, NG, WPG)
-            w, s, z, x = w_n, s_n, z_n, x_n
-        else:
-            acc += _step(w, x, s, z, magic, NG, WPG)
-            w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
-            x = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
+    else:
+        for c in range(c0, c0 + STEPS_PER_SPLIT):
+            # the next step (the last one again at the end: a redundant read of what is in cache)
+            c_next = tl.minimum(c + 1, c_last)
+            if PREFETCH:  # issue the next step's loads before this step's arithmetic
+                w_n, s_n, z_n = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
+                x_n = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
+                acc += _step(w, x, s, z, magic, NG, WPG)
+                w, s, z, x = w_n, s_n, z_n, x_n
+            else:
+                acc += _step(w, x, s, z, magic, NG, WPG)
+                w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
+                x = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -176,8 +186,8 @@ def auto_split_k(n_blocks: int, steps: int) -> int:
 # int4_gemv_m1_aya-8b_cuda.json; us per call in a CUDA graph at Aya-8B shapes). Large weights want
 # many rows per program (x reused across them: 3.9 SASS instructions per weight) and prefetch;
 # small ones are latency-bound and want many programs (16 rows each).
-LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True)  # LM head 193.6, down 17.8, gate/up 19.2
-SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False)  # q/o 8.1, k/v 6.3
+LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True, stages=1)  # LM head 193.6, down 17.8, gate/up 19.2
+SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False, stages=1)  # q/o 8.1, k/v 6.3
 LARGE_FROM = 8192  # N or K at least this: LARGE
 
 
@@ -186,7 +196,8 @@ def default_knobs(n: int, k: int) -> dict:
 
 
 def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, block_k: int | None = None,
-                split_k: int | None = None, num_warps: int | None = None, prefetch: bool | None = None) -> dict:
+                split_k: int | None = None, num_warps: int | None = None, prefetch: bool | None = None,
+                stages: int | None = None) -> dict:
     """The launch for an ``[N, K]`` weight: the knobs (any left None from ``default_knobs``;
     ``block_k`` raised to ``group_size``), the grid and ``split`` K slices of ``per_split`` steps.
     A function of the shapes alone, so a graph pass can know ``split`` before anything runs."""
@@ -195,6 +206,9 @@ def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, blo
     block_k = default["block_k"] if block_k is None else block_k
     num_warps = default["num_warps"] if num_warps is None else num_warps
     prefetch = default["prefetch"] if prefetch is None else prefetch
+    stages = default["stages"] if stages is None else int(stages)
+    if stages < 1:
+        raise ValueError(f"int4_gemv_m1: stages={stages} must be >= 1 (1: prefetch in registers)")
     for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"int4_gemv_m1: {name}={v} must be a power of two")
@@ -203,8 +217,8 @@ def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, blo
     steps = triton.cdiv(k, block_k)
     split, per_split = split_slices("int4_gemv_m1", steps, auto_split_k(n_blocks, steps) if split_k is None
                                     else int(split_k))
-    return dict(block_n=block_n, block_k=block_k, num_warps=num_warps, prefetch=bool(prefetch), n_blocks=n_blocks,
-                steps=steps, split=split, per_split=per_split)
+    return dict(block_n=block_n, block_k=block_k, num_warps=num_warps, prefetch=bool(prefetch), stages=stages,
+                n_blocks=n_blocks, steps=steps, split=split, per_split=per_split)
 
 
 def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor, up: torch.Tensor | None = None) -> None:
@@ -227,20 +241,22 @@ def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor,
     int4_gemv_m1_kernel[(plan["n_blocks"], plan["split"])](
         x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE, u,
         GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=plan["prefetch"],
-        SWIGLU=up is not None, num_warps=plan["num_warps"], num_stages=1, **launch_options(x.device),
+        SWIGLU=up is not None, STAGES=plan["stages"], num_warps=plan["num_warps"], num_stages=plan["stages"],
+        **launch_options(x.device),
     )
 
 
 def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-                 num_warps: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+                 num_warps: int | None = None, prefetch: bool | None = None, stages: int | None = None) -> torch.Tensor:
     """``x [1, K] @ dequant(W)^T -> [1, N]`` in x's dtype (inputs checked by the op; ``supports``
     must hold). Knobs: ``block_n`` rows per program, ``block_k`` weights along K per loop step
-    (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``;
+    (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``,
+    ``stages`` (> 1: Triton's pipeline through shared memory instead of ``prefetch``);
     any left None comes from ``default_knobs``. Split K sums its fp32 partials here (two more
     kernels); ``int4_gemv_m1_partials`` leaves that sum to the caller."""
     n = packed.shape[0]
-    plan = launch_plan(n, x.shape[-1], group_size, block_n, block_k, split_k, num_warps, prefetch)
+    plan = launch_plan(n, x.shape[-1], group_size, block_n, block_k, split_k, num_warps, prefetch, stages)
     split = plan["split"]
     out = torch.empty((split, n) if split > 1 else (1, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)
