@@ -36,6 +36,8 @@ stage() {
                       tests/test_merge_projections.py -rfE ;;  # cc.generate's CUDA defaults
     tests-generate-diag) python3 -m pytest -q -x -m gpu tests/test_gpu_paged.py tests/test_generate_default_cache.py \
                            tests/test_merge_projections.py -rfE ;;  # stops at a failure, whose message bisects it
+    tests-generate-pdl-diag) python3 -m pytest -q -x -m gpu tests/test_gpu_paged.py -k "greedy_on_cuda or pdl_matches" \
+                               -rfE ;;  # the order of 2026-12-04's failure (greedy tests, then the PDL test)
     decode-b1-bucketed) python3 bench/decode.py --layers 32 --workloads b1 --peers ours --rounds 2 \
                           --tag _b1_bucketed ;;  # the default cache's power-of-two pool (4 blocks at B1)
     tests-generate-alone)  # each of 2026-12-02's failing decode tests in a process of its own
