@@ -15,7 +15,10 @@ FFMA accumulates ``x * c``. Scales and zeros are applied once per group and row:
 Tile: ``[BLOCK_N, BLOCK_K // G, G // 8]`` words per loop step; the x values of a step are loaded
 once per program and reused by all the rows a thread holds, so large ``BLOCK_N`` amortizes them.
 ``PREFETCH`` loads the next step's words (and scales, zeros, x) before computing the current one,
-to keep more bytes in flight per thread. Under PDL (``kernels/pdl.py``) the first step's words,
+to keep more bytes in flight per thread. ``STAGES > 1`` hands that to Triton's software pipeline
+instead (the words through shared memory, ``STAGES - 1`` steps ahead; a launch knob, off by
+default: on the H200 it was no faster at any tile, since the kernel is issue-bound, not
+latency-bound; bench/results/int4_gemv_m1_stages.json). Under PDL (``kernels/pdl.py``) the first step's words,
 scales and zeros are read before the wait for the previous kernel (they are constants); x after.
 ``SPLIT_K > 1`` writes fp32 partials ``[SPLIT_K, N]`` summed by the launcher (deterministic, no
 atomics), or by the caller (``int4_gemv_m1_partials``).
