@@ -66,6 +66,7 @@ def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k,
     assert err < (2e-5 if dtype == torch.float32 else 8e-3), err
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["step", "lean_step"])
 @pytest.mark.parametrize("n,k,group_size,block_n,block_k,split_k,prefetch,stages,dtype", [
     (37, 192, 32, 16, 64, 1, True, 1, torch.float32),  # N not a multiple of BLOCK_N, a partial last step
     (37, 192, 32, 16, 64, 1, False, 1, torch.float32),
@@ -78,11 +79,12 @@ def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k,
     (128, 1024, 128, 64, 256, 1, False, 3, torch.bfloat16),  # EVEN, pipelined
     (21, 256, 256, 8, 128, None, False, 1, torch.float16),  # block_k raised to the group
 ])
-def test_m1_kernel_matches_float64_reference(n, k, group_size, block_n, block_k, split_k, prefetch, stages, dtype):
+def test_m1_kernel_matches_float64_reference(n, k, group_size, block_n, block_k, split_k, prefetch, stages, dtype,
+                                             lean):
     packed, scales, zeros = random_layer(n, k, group_size, dtype, seed=n)
     x = torch.randn(1, k).to(dtype)
     out = int4_gemv_m1(x, packed, scales, zeros, group_size, block_n=block_n, block_k=block_k, split_k=split_k,
-                       prefetch=prefetch, stages=stages)
+                       prefetch=prefetch, stages=stages, lean=lean)  # lean with groups < 32: the plain step
     assert out.dtype == dtype and out.shape == (1, n)
     # each nibble sits 4 bits below 1.0's leading bit, so fp32 keeps ~19 bits of x * q (1e-6 measured)
     err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
@@ -164,11 +166,13 @@ def _k_loop_instructions(sass: str) -> int:
     return len([line for line in lines[start:end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line)])
 
 
-PIPELINED = dict(block_n=128, block_k=256, num_warps=4, prefetch=False, stages=4)  # Triton's cp.async pipeline
+PIPELINED = dict(block_n=128, block_k=256, num_warps=4, prefetch=False, stages=4, lean=False)  # Triton's cp.async pipeline
+LEAN = dict(m1.LARGE, lean=True)  # _step_lean: no w >> 16, one FFMA chain per four words
 
 
 @pytest.mark.parametrize("knobs,swiglu,budget", [("LARGE", False, 4.5), ("SMALL", False, 6.0), ("LARGE", True, 4.6),
-                                                 ("PIPELINED", False, 4.5)])
+                                                 ("PIPELINED", False, 4.5), ("LEAN", False, 3.75),
+                                                 ("LEAN", True, 3.85)])
 def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, budget):
     """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
     ~8.2 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay within
@@ -178,15 +182,17 @@ def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, bud
     words with 16-byte loads, use no int-to-float conversions and not spill. With ``swiglu`` (the
     down projection computing its input from gate and up) the activation is per step, not per
     weight, so the budget barely moves (4.0). ``PIPELINED`` (``stages=4``: Triton's cp.async
-    pipeline) copies the words through shared memory 16 bytes at a time instead (4.3)."""
+    pipeline) copies the words through shared memory 16 bytes at a time instead (4.3); ``LEAN``
+    (``_step_lean``) spends 3.65 (3.77 with SwiGLU)."""
     from sm90 import compile_sm90, spec
 
-    default = PIPELINED if knobs == "PIPELINED" else getattr(m1, knobs)
+    default = {"PIPELINED": PIPELINED, "LEAN": LEAN}.get(knobs) or getattr(m1, knobs)
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
            "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32",
            "magic": "i32", "u_ptr": "*bf16"}
     const = dict(GROUP=128, BLOCK_N=default["block_n"], BLOCK_K=default["block_k"], EVEN=True,
-                 PREFETCH=default["prefetch"], PDL=False, SWIGLU=swiglu, STAGES=default["stages"])
+                 PREFETCH=default["prefetch"], PDL=False, SWIGLU=swiglu, STAGES=default["stages"],
+                 LEAN=default["lean"])
     (r,) = compile_sm90([spec("cohere_compile.kernels.int4_gemv_m1.int4_gemv_m1_kernel", sig, const,
                               {"num_warps": default["num_warps"], "num_stages": default["stages"]},
                               divisible=[*list(sig)[:10], "u_ptr"])])  # Aya shapes: all divisible by 16
@@ -650,7 +656,8 @@ def test_gpu_m1_kernel_at_aya_shapes(n, k):
     ref = x.double() @ dequantize_int4(packed, scales, zeros, 128).double().t()
     for knobs in ({}, {"split_k": 1}, {"split_k": 4, "prefetch": False}, {"block_n": 16, "block_k": 512},
                   {"block_n": 256, "block_k": 128, "num_warps": 8}, {"stages": 4}, {"stages": 3, "split_k": 4},
-                  {"block_n": 64, "block_k": 512, "stages": 5, "num_warps": 8}):
+                  {"block_n": 64, "block_k": 512, "stages": 5, "num_warps": 8}, {"lean": True},
+                  {"lean": True, "block_n": 16, "block_k": 512}, {"lean": True, "split_k": 4, "prefetch": False}):
         out = int4_gemv_m1(x, packed, scales, zeros, 128, **knobs)
         err = rel_err(out, ref)
         assert out.dtype == torch.bfloat16 and err < 8e-3, (knobs, err)

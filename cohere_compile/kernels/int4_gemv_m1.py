@@ -96,6 +96,65 @@ def _load_x(x_ptr, u_ptr, c, k_groups, NG: tl.constexpr, WPG: tl.constexpr, EVEN
 
 
 @triton.jit
+def _lean_code(w, magic, i: tl.constexpr):
+    """Nibble ``i`` of int32 words -> fp32 ``1 + q / 16`` with one shift of ``w`` itself (left for
+    nibbles 0..4, right for 5..7: the mask drops whatever the arithmetic shift brings in)."""
+    if i <= 4:
+        v = w << (19 - 4 * i)
+    else:
+        v = w >> (4 * i - 19)
+    return ((v & 0x00780000) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_sum(acc, w, x, magic):
+    """``acc + sum_i x_i * code_i`` over the 8 nibbles of each word, as one chain of 8 FFMA."""
+    xa, xb = tl.split(x)  # x [..., 2, 2, 2]: the bits of i = 4 * i2 + 2 * i1 + i0, i0 last; this splits i0
+    xa0, xa1 = tl.split(xa)
+    xb0, xb1 = tl.split(xb)
+    x0, x4 = tl.split(xa0)
+    x2, x6 = tl.split(xa1)
+    x1, x5 = tl.split(xb0)
+    x3, x7 = tl.split(xb1)
+    return acc + _lean_code(w, magic, 0) * x0[None] + _lean_code(w, magic, 1) * x1[None] \
+        + _lean_code(w, magic, 2) * x2[None] + _lean_code(w, magic, 3) * x3[None] \
+        + _lean_code(w, magic, 4) * x4[None] + _lean_code(w, magic, 5) * x5[None] \
+        + _lean_code(w, magic, 6) * x6[None] + _lean_code(w, magic, 7) * x7[None]
+
+
+@triton.jit
+def _step_lean(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
+    """``_step`` in fewer instructions per weight (a launch knob, ``lean``, not yet measured on a GPU):
+    no ``w >> 16`` (each nibble is one shift of the word itself), and the four words of each
+    16-byte load summed as one FFMA chain, so the FMUL that starts each word's sum and the FADDs
+    that add words go. sm_90 SASS of the K loop: 3.65 per weight with the LARGE knobs (3.90
+    without), but 255 registers (168), so fewer programs per SM."""
+    # word j = 4 * a + 2 * b1 + b0 of the group: w [BLOCK_N, NG, a, b1, b0]; x [NG, a, b1, b0, i2, i1, i0]
+    # moved to [NG, a, i2, i1, i0, b1, b0]; splitting b0, then b1, gives word j's [.., a] slices
+    wa, wb = tl.split(tl.reshape(w, (BLOCK_N, NG, WPG // 4, 2, 2)))
+    w0, w2 = tl.split(wa)
+    w1, w3 = tl.split(wb)
+    xa, xb = tl.split(tl.permute(tl.reshape(x, (NG, WPG // 4, 2, 2, 2, 2, 2)), (0, 1, 4, 5, 6, 2, 3)))
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    p = _word_sum(tl.zeros(w0.shape, tl.float32), w0, x0, magic)
+    p = _word_sum(p, w1, x1, magic)
+    p = _word_sum(p, w2, x2, magic)
+    p = _word_sum(p, w3, x3, magic)
+    xc = tl.sum(p, axis=2)  # [BLOCK_N, NG]
+    xs = tl.sum(tl.sum(x, axis=2), axis=1)
+    return (16.0 * s) * xc + (z - 24.0 * s) * xs[None, :]
+
+
+@triton.jit
+def _step_of(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr, LEAN: tl.constexpr):
+    if LEAN and WPG % 4 == 0:  # the lean step sums words in fours (a group of >= 32)
+        return _step_lean(w, x, s, z, magic, BLOCK_N, NG, WPG)
+    else:
+        return _step(w, x, s, z, magic, NG, WPG)
+
+
+@triton.jit
 def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
     """This step's contribution ``[BLOCK_N, NG]`` (per row and group)."""
     w_hi = w >> 16
@@ -120,7 +179,7 @@ def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
 def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_os, STEPS_PER_SPLIT,
                         magic, u_ptr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        STAGES: tl.constexpr, LEAN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NG: tl.constexpr = BLOCK_K // GROUP  # groups per step
@@ -143,11 +202,11 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
     if STAGES > 1:
         # Triton's software pipeline: the loop's loads go to shared memory (cp.async) STAGES - 1
         # steps ahead, more bytes in flight per SM than registers can hold (and fewer registers)
-        acc += _step(w, x, s, z, magic, NG, WPG)
+        acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
         for c in tl.range(c0 + 1, c0 + STEPS_PER_SPLIT, num_stages=STAGES):
             w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG, WPG, EVEN)
             x = _load_x(x_ptr, u_ptr, c, k_groups, NG, WPG, EVEN, SWIGLU)
-            acc += _step(w, x, s, z, magic, NG, WPG)
+            acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
     else:
         for c in range(c0, c0 + STEPS_PER_SPLIT):
             # the next step (the last one again at the end: a redundant read of what is in cache)
@@ -155,10 +214,10 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
             if PREFETCH:  # issue the next step's loads before this step's arithmetic
                 w_n, s_n, z_n = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
                 x_n = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
-                acc += _step(w, x, s, z, magic, NG, WPG)
+                acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
                 w, s, z, x = w_n, s_n, z_n, x_n
             else:
-                acc += _step(w, x, s, z, magic, NG, WPG)
+                acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
                 w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
                 x = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
     out = tl.sum(acc, axis=1)
@@ -189,8 +248,8 @@ def auto_split_k(n_blocks: int, steps: int) -> int:
 # int4_gemv_m1_aya-8b_cuda.json; us per call in a CUDA graph at Aya-8B shapes). Large weights want
 # many rows per program (x reused across them: 3.9 SASS instructions per weight) and prefetch;
 # small ones are latency-bound and want many programs (16 rows each).
-LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True, stages=1)  # LM head 193.6, down 17.8, gate/up 19.2
-SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False, stages=1)  # q/o 8.1, k/v 6.3
+LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True, stages=1, lean=False)  # LM head 193.6, down 17.8, gate/up 19.2
+SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False, stages=1, lean=False)  # q/o 8.1, k/v 6.3
 LARGE_FROM = 8192  # N or K at least this: LARGE
 
 
@@ -200,7 +259,7 @@ def default_knobs(n: int, k: int) -> dict:
 
 def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, block_k: int | None = None,
                 split_k: int | None = None, num_warps: int | None = None, prefetch: bool | None = None,
-                stages: int | None = None) -> dict:
+                stages: int | None = None, lean: bool | None = None) -> dict:
     """The launch for an ``[N, K]`` weight: the knobs (any left None from ``default_knobs``;
     ``block_k`` raised to ``group_size``), the grid and ``split`` K slices of ``per_split`` steps.
     A function of the shapes alone, so a graph pass can know ``split`` before anything runs."""
@@ -210,6 +269,7 @@ def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, blo
     num_warps = default["num_warps"] if num_warps is None else num_warps
     prefetch = default["prefetch"] if prefetch is None else prefetch
     stages = default["stages"] if stages is None else int(stages)
+    lean = default["lean"] if lean is None else bool(lean)
     if stages < 1:
         raise ValueError(f"int4_gemv_m1: stages={stages} must be >= 1 (1: prefetch in registers)")
     for name, v in (("block_n", block_n), ("block_k", block_k)):
@@ -220,7 +280,7 @@ def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, blo
     steps = triton.cdiv(k, block_k)
     split, per_split = split_slices("int4_gemv_m1", steps, auto_split_k(n_blocks, steps) if split_k is None
                                     else int(split_k))
-    return dict(block_n=block_n, block_k=block_k, num_warps=num_warps, prefetch=bool(prefetch), stages=stages,
+    return dict(block_n=block_n, block_k=block_k, num_warps=num_warps, prefetch=bool(prefetch), stages=stages, lean=lean,
                 n_blocks=n_blocks, steps=steps, split=split, per_split=per_split)
 
 
@@ -244,22 +304,24 @@ def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor,
     int4_gemv_m1_kernel[(plan["n_blocks"], plan["split"])](
         x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE, u,
         GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=plan["prefetch"],
-        SWIGLU=up is not None, STAGES=plan["stages"], num_warps=plan["num_warps"], num_stages=plan["stages"],
+        SWIGLU=up is not None, STAGES=plan["stages"], LEAN=plan["lean"], num_warps=plan["num_warps"], num_stages=plan["stages"],
         **launch_options(x.device),
     )
 
 
 def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-                 num_warps: int | None = None, prefetch: bool | None = None, stages: int | None = None) -> torch.Tensor:
+                 num_warps: int | None = None, prefetch: bool | None = None, stages: int | None = None,
+                 lean: bool | None = None) -> torch.Tensor:
     """``x [1, K] @ dequant(W)^T -> [1, N]`` in x's dtype (inputs checked by the op; ``supports``
     must hold). Knobs: ``block_n`` rows per program, ``block_k`` weights along K per loop step
     (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``,
-    ``stages`` (> 1: Triton's pipeline through shared memory instead of ``prefetch``);
+    ``stages`` (> 1: Triton's pipeline through shared memory instead of ``prefetch``), ``lean``
+    (``_step_lean``: fewer instructions per weight, more registers);
     any left None comes from ``default_knobs``. Split K sums its fp32 partials here (two more
     kernels); ``int4_gemv_m1_partials`` leaves that sum to the caller."""
     n = packed.shape[0]
-    plan = launch_plan(n, x.shape[-1], group_size, block_n, block_k, split_k, num_warps, prefetch, stages)
+    plan = launch_plan(n, x.shape[-1], group_size, block_n, block_k, split_k, num_warps, prefetch, stages, lean)
     split = plan["split"]
     out = torch.empty((split, n) if split > 1 else (1, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)
