@@ -96,6 +96,9 @@ def _first_differences(got, refs) -> list:
 # one change of setting each, to bisect a mismatch of cc.generate's CUDA path
 DIAGNOSIS_VARIANTS = {"again": {}, "no_cuda_graphs": {"cuda_graphs": False}, "custom_op_pdl_off": {"custom_op_pdl": False},
                       "unmerged": {"merge_projections": False}, "no_qk_norm_rope": {"passes": ["causal_attention", "swiglu"]},
+                      # coordinate-descent tuning picks kernel configs by timing, which could explain a failure that
+                      # comes and goes between runs of the same code
+                      "no_coordinate_descent": {"inductor_options": {"coordinate_descent_tuning": False}},
                       "eager": {"compiled": False}}
 
 
@@ -107,8 +110,9 @@ def _diagnosis(model, prompts, refs, new_tokens, got, rewrites, **kwargs) -> str
 
     lines = [f"differences (prompt, step, ours, HF): {_first_differences(got, refs)}", f"rewrites: {rewrites}"]
     for name, change in DIAGNOSIS_VARIANTS.items():
+        options = {**kwargs.get("inductor_options", {}), **change.get("inductor_options", {})}
         with torch._inductor.config.patch(force_disable_caches=True):
-            other = cc.generate(model, prompts, new_tokens, **{**kwargs, **change})
+            other = cc.generate(model, prompts, new_tokens, **{**kwargs, **change, "inductor_options": options})
         lines.append(f"{name}: {'matches HF' if other == refs else _first_differences(other, refs)}")
     return "\n".join(lines)
 
