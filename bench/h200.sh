@@ -76,6 +76,7 @@ stage() {
                               --out int4_gemv_m1_stages_small.json ;;
     tests-int4) python3 -m pytest -q -m gpu tests/test_int4_triton.py -rfE ;;
     prefill) python3 bench/prefill.py --try swiglu,attention ;;  # (--ablation: ~18 variants, B1 alone fills a call)
+    prefill-profile) python3 bench/prefill.py --batches 1 --no-all --repeats 10 --profile --tag _profile ;;  # ~5 min?
     prefill-plus-b1|prefill-plus-b4)  # does adding layer_norm, qk_norm_rope or merged projections to the default pay?
       python3 bench/prefill.py --batches "${1: -1}" --no-all --try causal_attention,swiglu,+merged \
         --try causal_attention,swiglu,layer_norm --try causal_attention,swiglu,qk_norm_rope \

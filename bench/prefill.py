@@ -18,7 +18,7 @@ import torch
 import cohere_compile as cc
 from cohere_compile.backend import make_backend
 from cohere_compile.colocate import ensure_colocated
-from common import build_model, cuda_time_ms, environment, first_call_s, write_json
+from common import build_model, cuda_time_ms, environment, first_call_s, kernel_summary, write_json
 
 
 def matmul_flops(cfg, batch: int, seq: int) -> float:
@@ -29,6 +29,21 @@ def matmul_flops(cfg, batch: int, seq: int) -> float:
     attn_causal = 2 * batch * L * cfg.num_attention_heads * seq * seq * hd  # QK^T + PV, causal half
     head = 2 * batch * h * cfg.vocab_size
     return linear + attn_causal + head
+
+
+def profile_call(call) -> dict:
+    """Kernel time of one call by family and the top kernels, in ms (torch.profiler, after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    summary = kernel_summary(prof, per=1, top=25)
+    summary["top_kernels"] = [{"kernel": k["kernel"], "ms": k["us"] / 1e3, "calls": k["calls"]}
+                              for k in summary["top_kernels"]]
+    print("    kernels %.2f ms: %s" % (summary["kernel_ms"], ", ".join(f"{f} {ms:.2f}" for f, ms in summary["families_ms"].items())),
+          flush=True)
+    return summary
 
 
 def main():
@@ -46,6 +61,9 @@ def main():
                          "does; the weights are co-located first, which the other variants then read as row slices)")
     ap.add_argument("--no-all", action="store_true", help="skip the all-passes variant")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one call per variant with torch.profiler: kernel time by family and the top "
+                         "kernels (where the time beyond the matmuls goes)")
     args = ap.parse_args()
 
     # Every variant compiles the same code with its own backend: lift Dynamo's
@@ -97,6 +115,8 @@ def main():
             rel = ((out - ref).norm() / ref.norm()).item()
             row = {"variant": name, "batch": batch, "seq": args.seq, "first_call_s": first, **timing,
                    "rel_err_vs_eager": rel, "floor_ms": floor_ms, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+            if args.profile:
+                row["profile"] = profile_call(call)
             results.append(row)
             # after every variant: a run cut short by the device's time limit keeps what it measured
             write_json(json_name, {"env": environment(), "args": vars(args), "results": results})
