@@ -41,8 +41,8 @@ def profile_call(call) -> dict:
     summary = kernel_summary(prof, per=1, top=25)
     summary["top_kernels"] = [{"kernel": k["kernel"], "ms": k["us"] / 1e3, "calls": k["calls"]}
                               for k in summary["top_kernels"]]
-    print("    kernels %.2f ms: %s" % (summary["kernel_ms"], ", ".join(f"{f} {ms:.2f}" for f, ms in summary["families_ms"].items())),
-          flush=True)
+    families = ", ".join(f"{f} {ms:.2f}" for f, ms in summary["families_ms"].items())
+    print(f"    kernels {summary['kernel_ms']:.2f} ms: {families}", flush=True)
     return summary
 
 

@@ -94,8 +94,9 @@ def _first_differences(got, refs) -> list:
 
 
 # one change of setting each, to bisect a mismatch of cc.generate's CUDA path
-DIAGNOSIS_VARIANTS = {"again": {}, "no_cuda_graphs": {"cuda_graphs": False}, "custom_op_pdl_off": {"custom_op_pdl": False},
-                      "unmerged": {"merge_projections": False}, "no_qk_norm_rope": {"passes": ["causal_attention", "swiglu"]},
+DIAGNOSIS_VARIANTS = {"again": {}, "no_cuda_graphs": {"cuda_graphs": False},
+                      "custom_op_pdl_off": {"custom_op_pdl": False}, "unmerged": {"merge_projections": False},
+                      "no_qk_norm_rope": {"passes": ["causal_attention", "swiglu"]},
                       # coordinate-descent tuning picks kernel configs by timing, which could explain a failure that
                       # comes and goes between runs of the same code
                       "no_coordinate_descent": {"inductor_options": {"coordinate_descent_tuning": False}},

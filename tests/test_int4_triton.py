@@ -166,7 +166,7 @@ def _k_loop_instructions(sass: str) -> int:
     return len([line for line in lines[start:end + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line)])
 
 
-PIPELINED = dict(block_n=128, block_k=256, num_warps=4, prefetch=False, stages=4, lean=False)  # Triton's cp.async pipeline
+PIPELINED = dict(block_n=128, block_k=256, num_warps=4, prefetch=False, stages=4, lean=False)  # cp.async pipeline
 LEAN = dict(m1.LARGE, lean=True)  # _step_lean: no w >> 16, one FFMA chain per four words
 
 

@@ -248,7 +248,8 @@ def auto_split_k(n_blocks: int, steps: int) -> int:
 # int4_gemv_m1_aya-8b_cuda.json; us per call in a CUDA graph at Aya-8B shapes). Large weights want
 # many rows per program (x reused across them: 3.9 SASS instructions per weight) and prefetch;
 # small ones are latency-bound and want many programs (16 rows each).
-LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True, stages=1, lean=False)  # LM head 193.6, down 17.8, gate/up 19.2
+# LM head 193.6, down 17.8, gate/up 19.2
+LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True, stages=1, lean=False)
 SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False, stages=1, lean=False)  # q/o 8.1, k/v 6.3
 LARGE_FROM = 8192  # N or K at least this: LARGE
 
@@ -280,8 +281,8 @@ def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, blo
     steps = triton.cdiv(k, block_k)
     split, per_split = split_slices("int4_gemv_m1", steps, auto_split_k(n_blocks, steps) if split_k is None
                                     else int(split_k))
-    return dict(block_n=block_n, block_k=block_k, num_warps=num_warps, prefetch=bool(prefetch), stages=stages, lean=lean,
-                n_blocks=n_blocks, steps=steps, split=split, per_split=per_split)
+    return dict(block_n=block_n, block_k=block_k, num_warps=num_warps, prefetch=bool(prefetch), stages=stages,
+                lean=lean, n_blocks=n_blocks, steps=steps, split=split, per_split=per_split)
 
 
 def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor, up: torch.Tensor | None = None) -> None:
@@ -304,8 +305,8 @@ def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor,
     int4_gemv_m1_kernel[(plan["n_blocks"], plan["split"])](
         x, words, scales, zeros, out, n, k, words.stride(0), scales.stride(0), n, per_split, MAGIC_ONE, u,
         GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, PREFETCH=plan["prefetch"],
-        SWIGLU=up is not None, STAGES=plan["stages"], LEAN=plan["lean"], num_warps=plan["num_warps"], num_stages=plan["stages"],
-        **launch_options(x.device),
+        SWIGLU=up is not None, STAGES=plan["stages"], LEAN=plan["lean"], num_warps=plan["num_warps"],
+        num_stages=plan["stages"], **launch_options(x.device),
     )
 
 
