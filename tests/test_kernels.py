@@ -258,6 +258,33 @@ def test_qk_norm_rope_one_weight_raises():
         ops.qk_norm_rope(q, k, torch.randn(6, 24), None, cos, sin, EPS)
 
 
+def test_qk_norm_weights_of_the_other_tensor_raise_in_every_op_and_at_compile():
+    """Under GQA q's and k's norm weights differ in shape, and the kernels index a weight by head
+    without bounds: swapped weights (a pass binding k_norm's weight to q) would read past k's
+    weight. Every QK-norm op refuses them eagerly and in its fake implementation (compile time)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 3, 8, generator=g)
+    qw, kw = torch.randn(4, 8, generator=g), torch.randn(2, 8, generator=g)
+    cos, sin = torch.randn(1, 3, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    pools = torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8)
+    slots = torch.tensor([[0, 1, 2]])
+    calls = {
+        "qk_norm_rope": lambda a, b: torch.ops.cohere.qk_norm_rope(q, k, a, b, cos, sin, EPS),
+        "qk_norm_rope_tensor_eps": lambda a, b: torch.ops.cohere.qk_norm_rope_tensor_eps(
+            q, k, a, b, cos, sin, torch.tensor(EPS)),
+        "qk_norm_rope_kv_write": lambda a, b: torch.ops.cohere.qk_norm_rope_kv_write(
+            q, k, k, a, b, cos, sin, EPS, *(p.clone() for p in pools), slots),
+        "qk_norm_rope_backward": lambda a, b: torch.ops.cohere.qk_norm_rope_backward(
+            torch.randn_like(q), torch.randn_like(k), q, k, a, b, cos, sin, EPS),
+    }
+    for name, call in calls.items():
+        call(qw, kw)  # the right weights run
+        with pytest.raises(ValueError, match="q_weight has shape \\(2, 8\\), but q has 4 heads"):
+            call(kw, qw)
+        with pytest.raises(Exception, match="q_weight has shape"):  # the fake implementation, at trace time
+            torch.compile(call, backend="eager", fullgraph=True)(kw, qw)
+
+
 # ---------------------------------------------------------------- swiglu
 
 

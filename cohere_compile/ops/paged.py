@@ -57,7 +57,7 @@ def qk_norm_rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
     kernel; returns the rotated q (the rotated k only lands in the pool)."""
     check_inputs("cohere::qk_norm_rope_kv_write", q, k, v, q_weight, k_weight, cos, sin, k_pool, v_pool)
     _check_write("cohere::qk_norm_rope_kv_write", k_pool, k, v, slots)
-    check_rope_args("cohere::qk_norm_rope_kv_write", q, q_weight, k_weight)
+    check_rope_args("cohere::qk_norm_rope_kv_write", q, k, q_weight, k_weight)
     if use_triton(q):
         return rope_kernel.qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots)
     q_rot, k_rot = reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
@@ -67,6 +67,7 @@ def qk_norm_rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_w
 
 @qk_norm_rope_kv_write.register_fake
 def _(q, k, v, q_weight, k_weight, cos, sin, eps, k_pool, v_pool, slots):
+    check_rope_args("cohere::qk_norm_rope_kv_write", q, k, q_weight, k_weight)
     return empty_heads_like(q)
 
 

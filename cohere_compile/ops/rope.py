@@ -10,12 +10,20 @@ from . import reference
 from ._dispatch import check_inputs, eps_value, use_triton
 
 
-def check_rope_args(op: str, q, q_weight, k_weight) -> None:
-    """The QK-norm weights come as a pair (or not at all), and RoPE rotates pairs of dims."""
+def check_rope_args(op: str, q, k, q_weight, k_weight) -> None:
+    """The QK-norm weights come as a pair (or not at all), each ``(heads, head_dim)`` of its own
+    tensor, and RoPE rotates pairs of dims. The kernels index a weight by head without bounds, so
+    a weight of the other tensor (k's for q under GQA) would read past its end: refuse it here,
+    and in the fake implementations, so that a graph pass binding them wrongly fails at compile."""
     if (q_weight is None) != (k_weight is None):
         raise ValueError(f"{op}: pass both q_weight and k_weight, or neither")
     if q.shape[-1] % 2:
         raise ValueError(f"{op}: head_dim must be even for RoPE, got {q.shape[-1]}")
+    for name, x, w in (("q", q, q_weight), ("k", k, k_weight)):
+        if w is not None and tuple(w.shape) != (x.shape[1], x.shape[-1]):
+            raise ValueError(f"{op}: {name}_weight has shape {tuple(w.shape)}, but {name} has {x.shape[1]} heads of "
+                             f"{x.shape[-1]}: each QK-norm weight must be (heads, head_dim) of its own tensor "
+                             f"(q_norm's for q, k_norm's for k)")
 
 
 def _eps_pair(eps, k_eps):
@@ -27,7 +35,7 @@ def _eps_pair(eps, k_eps):
 def _qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, k_eps=None):
     """q: (B, Hq, T, D), k: (B, Hk, T, D); outputs have the same shapes, laid out (B, T, H, D)."""
     check_inputs("cohere::qk_norm_rope", q, k, q_weight, k_weight, cos, sin)
-    check_rope_args("cohere::qk_norm_rope", q, q_weight, k_weight)
+    check_rope_args("cohere::qk_norm_rope", q, k, q_weight, k_weight)
     eps, k_eps = _eps_pair(eps, k_eps)
     if use_triton(q):
         return kernel.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, k_eps=k_eps)
@@ -66,6 +74,7 @@ def qk_norm_rope_tensor_eps(
 
 
 def _fake(q, k, q_weight, k_weight, cos, sin, eps, k_eps=None):
+    check_rope_args("cohere::qk_norm_rope", q, k, q_weight, k_weight)
     return empty_heads_like(q), empty_heads_like(k)
 
 
@@ -79,6 +88,7 @@ for _op in (qk_norm_rope, qk_norm_rope_tensor_eps):
 
 def _qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, k_eps=None):
     check_inputs("cohere::qk_norm_rope_backward", grad_q, grad_k, q, k, q_weight, k_weight, cos, sin)
+    check_rope_args("cohere::qk_norm_rope_backward", q, k, q_weight, k_weight)
     eps, k_eps = _eps_pair(eps, k_eps)
     if use_triton(q):
         dq, dk, dqw, dkw = kernel.qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps,
