@@ -67,15 +67,21 @@ def test_paged_attention_is_repeatable_at_aya_batch_32_on_cuda():
 
 
 def _hf_greedy_case(use_qk_norm, kv_heads, lengths, new_tokens, prompt_seed, device="cuda"):
-    """A tiny fp32 Cohere model on CUDA (greedy ties stay rare), random prompts of ``lengths``
-    and HF's greedy continuation of each. (Also bench/generate_parity.py's case.)"""
+    """A tiny fp32 Cohere model on CUDA (greedy ties stay rare) with random LayerNorm and QK-norm
+    weights (since 2026-12-04: HF's all-ones init hid a misbound norm weight), random prompts of
+    ``lengths`` and HF's greedy continuation of each. (Also bench/generate_parity.py's case.)"""
     import transformers
 
     cfg = transformers.CohereConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=kv_heads, use_qk_norm=use_qk_norm,
                                     logit_scale=1.0, initializer_range=0.2, pad_token_id=0, eos_token_id=2)
     torch.manual_seed(0)
-    model = transformers.CohereForCausalLM(cfg).to(device).eval()
+    model = transformers.CohereForCausalLM(cfg)
+    with torch.no_grad():  # norm weights not all ones, so a misbound norm weight changes the tokens
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                torch.nn.init.normal_(p, 1.0, 0.1)
+    model = model.to(device).eval()
     g = torch.Generator().manual_seed(prompt_seed)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in lengths]
     refs = [model.generate(p[None].to(device), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
