@@ -84,7 +84,7 @@ def test_m1_kernel_matches_float64_reference(n, k, group_size, block_n, block_k,
     packed, scales, zeros = random_layer(n, k, group_size, dtype, seed=n)
     x = torch.randn(1, k).to(dtype)
     out = int4_gemv_m1(x, packed, scales, zeros, group_size, block_n=block_n, block_k=block_k, split_k=split_k,
-                       prefetch=prefetch, stages=stages, lean=lean)  # lean with groups < 32: the plain step
+                       prefetch=prefetch, stages=stages, lean=lean)  # lean with groups of 8: the plain step
     assert out.dtype == dtype and out.shape == (1, n)
     # each nibble sits 4 bits below 1.0's leading bit, so fp32 keeps ~19 bits of x * q (1e-6 measured)
     err = rel_err(out, reference_matmul(x, packed, scales, zeros, group_size))
@@ -167,12 +167,12 @@ def _k_loop_instructions(sass: str) -> int:
 
 
 PIPELINED = dict(block_n=128, block_k=256, num_warps=4, prefetch=False, stages=4, lean=False)  # cp.async pipeline
-LEAN = dict(m1.LARGE, lean=True)  # _step_lean: no w >> 16, one FFMA chain per four words
+LEAN = dict(m1.LARGE, lean=True)  # _step_lean: no w >> 16, one FFMA chain per two words
 
 
 @pytest.mark.parametrize("knobs,swiglu,budget", [("LARGE", False, 4.5), ("SMALL", False, 6.0), ("LARGE", True, 4.6),
-                                                 ("PIPELINED", False, 4.5), ("LEAN", False, 3.75),
-                                                 ("LEAN", True, 3.85)])
+                                                 ("PIPELINED", False, 4.5), ("LEAN", False, 3.8),
+                                                 ("LEAN", True, 3.9)])
 def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, budget):
     """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
     ~8.2 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay within
@@ -183,7 +183,7 @@ def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, bud
     down projection computing its input from gate and up) the activation is per step, not per
     weight, so the budget barely moves (4.0). ``PIPELINED`` (``stages=4``: Triton's cp.async
     pipeline) copies the words through shared memory 16 bytes at a time instead (4.3); ``LEAN``
-    (``_step_lean``) spends 3.65 (3.77 with SwiGLU)."""
+    (``_step_lean``) spends 3.71 (3.84 with SwiGLU)."""
     from sm90 import compile_sm90, spec
 
     default = {"PIPELINED": PIPELINED, "LEAN": LEAN}.get(knobs) or getattr(m1, knobs)

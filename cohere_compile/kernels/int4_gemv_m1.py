@@ -108,7 +108,7 @@ def _lean_code(w, magic, i: tl.constexpr):
 
 @triton.jit
 def _word_sum(acc, w, x, magic):
-    """``acc + sum_i x_i * code_i`` over the 8 nibbles of each word, as one chain of 8 FFMA."""
+    """``acc + sum_i x_i * code_i`` over the 8 nibbles of each word, as a chain of 8 FFMA."""
     xa, xb = tl.split(x)  # x [..., 2, 2, 2]: the bits of i = 4 * i2 + 2 * i1 + i0, i0 last; this splits i0
     xa0, xa1 = tl.split(xa)
     xb0, xb1 = tl.split(xb)
@@ -125,22 +125,16 @@ def _word_sum(acc, w, x, magic):
 @triton.jit
 def _step_lean(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
     """``_step`` in fewer instructions per weight (a launch knob, ``lean``, not yet measured on a GPU):
-    no ``w >> 16`` (each nibble is one shift of the word itself), and the four words of each
-    16-byte load summed as one FFMA chain, so the FMUL that starts each word's sum and the FADDs
-    that add words go. sm_90 SASS of the K loop: 3.65 per weight with the LARGE knobs (3.90
-    without), but 255 registers (168), so fewer programs per SM."""
-    # word j = 4 * a + 2 * b1 + b0 of the group: w [BLOCK_N, NG, a, b1, b0]; x [NG, a, b1, b0, i2, i1, i0]
-    # moved to [NG, a, i2, i1, i0, b1, b0]; splitting b0, then b1, gives word j's [.., a] slices
-    wa, wb = tl.split(tl.reshape(w, (BLOCK_N, NG, WPG // 4, 2, 2)))
-    w0, w2 = tl.split(wa)
-    w1, w3 = tl.split(wb)
-    xa, xb = tl.split(tl.permute(tl.reshape(x, (NG, WPG // 4, 2, 2, 2, 2, 2)), (0, 1, 4, 5, 6, 2, 3)))
-    x0, x2 = tl.split(xa)
-    x1, x3 = tl.split(xb)
+    no ``w >> 16`` (each nibble is one shift of the word itself), and each pair of neighbouring
+    words summed as one FFMA chain, so half the FMULs that start a word's sum and the FADDs that
+    add words go. sm_90 SASS of the K loop with the LARGE knobs: 3.71 per weight (3.90 without),
+    the same 168 registers. (Chains of four words: 3.65, but 255 registers.)"""
+    # word j = 2 * a + b of the group: w [BLOCK_N, NG, a, b]; x [NG, a, b, i2, i1, i0] moved to
+    # [NG, a, i2, i1, i0, b]; splitting b gives the even and odd words' [.., a] slices
+    w0, w1 = tl.split(tl.reshape(w, (BLOCK_N, NG, WPG // 2, 2)))
+    x0, x1 = tl.split(tl.permute(tl.reshape(x, (NG, WPG // 2, 2, 2, 2, 2)), (0, 1, 3, 4, 5, 2)))
     p = _word_sum(tl.zeros(w0.shape, tl.float32), w0, x0, magic)
     p = _word_sum(p, w1, x1, magic)
-    p = _word_sum(p, w2, x2, magic)
-    p = _word_sum(p, w3, x3, magic)
     xc = tl.sum(p, axis=2)  # [BLOCK_N, NG]
     xs = tl.sum(tl.sum(x, axis=2), axis=1)
     return (16.0 * s) * xc + (z - 24.0 * s) * xs[None, :]
@@ -148,7 +142,7 @@ def _step_lean(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: 
 
 @triton.jit
 def _step_of(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr, LEAN: tl.constexpr):
-    if LEAN and WPG % 4 == 0:  # the lean step sums words in fours (a group of >= 32)
+    if LEAN and WPG % 2 == 0:  # the lean step sums words in pairs (a group of >= 16)
         return _step_lean(w, x, s, z, magic, BLOCK_N, NG, WPG)
     else:
         return _step(w, x, s, z, magic, NG, WPG)
