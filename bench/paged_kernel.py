@@ -23,7 +23,7 @@ from cohere_compile.kernels.paged import paged_decode_attention
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--name", default="paged_kernel_sweep.json", help="JSON name under bench/results/")
+    ap.add_argument("--name", default="paged_kernel_sweep_v3.json", help="JSON name under bench/results/")
     out_name = ap.parse_args(argv).name
     bandwidth = copy_bandwidth_gbs(torch.device("cuda"))
     workloads = {"b1": [640], "ragged32": [round(100 + i * 1900 / 31) + 64 for i in range(32)]}
@@ -31,7 +31,10 @@ def main(argv=None):
     for name, lengths in workloads.items():
         args, kv_bytes = paged_attention_inputs(lengths, kv_heads=8, heads=32, head_dim=128)
         out = empty_heads_like(args[0])
-        configs = [(True, *c) for c in itertools.product((32, 64), (4, 8), (2, 3), (1024, 2048, 4096))]
+        # 2026-12-02's sweep had 1024 programs best of (1024, 2048, 4096) and never tried fewer: each
+        # program's dependent loads (lengths -> block table -> first K/V tile) are latency it pays
+        # once, so fewer, longer programs may pay; 128-key tiles were not tried either
+        configs = [(True, *c) for c in itertools.product((64, 128), (4, 8), (2, 3), (256, 512, 1024))]
         configs.append((False, 64, 4, 2, 1024))  # the earlier plan at its defaults
         for balance, block_n, warps, stages, target in configs:
             try:
