@@ -42,9 +42,9 @@ SWEEP_WIDE = dict(block_n=(4, 8, 16, 32, 64), block_k=(128, 256, 512, 1024), spl
 # stages > 1 is Triton's shared-memory pipeline (prefetch is then unused: only False is timed); it
 # did not pay on the H200 (int4_gemv_m1_stages.json), so the sweep now times lean (_step_lean) instead
 SWEEP_M1 = dict(block_n=(16, 64, 128), block_k=(256, 512), split_k=(None,), num_warps=(4, 8),
-                prefetch=(True, False), stages=(1,), lean=(False, True))
+                prefetch=(True,), stages=(1,), lean=(0, 1, 2))
 SWEEP_M1_TINY = dict(block_n=(16, 32), block_k=(128,), split_k=(None, 1), num_warps=(4,), prefetch=(True, False),
-                     stages=(1, 3), lean=(False, True))
+                     stages=(1, 3), lean=(0, 1, 2))
 SWEEP_TINY = dict(block_n=(16,), block_k=(128, 256), split_k=(None, 1), num_warps=(4,), num_stages=(2,),
                   reduce_at_end=(None, False))
 

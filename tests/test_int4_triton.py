@@ -66,7 +66,7 @@ def test_kernel_matches_float64_reference(m, n, k, group_size, split_k, block_k,
     assert err < (2e-5 if dtype == torch.float32 else 8e-3), err
 
 
-@pytest.mark.parametrize("lean", [False, True], ids=["step", "lean_step"])
+@pytest.mark.parametrize("lean", [0, 1, 2], ids=["step", "lean", "lean_deferred"])
 @pytest.mark.parametrize("n,k,group_size,block_n,block_k,split_k,prefetch,stages,dtype", [
     (37, 192, 32, 16, 64, 1, True, 1, torch.float32),  # N not a multiple of BLOCK_N, a partial last step
     (37, 192, 32, 16, 64, 1, False, 1, torch.float32),
@@ -167,12 +167,13 @@ def _k_loop_instructions(sass: str) -> int:
 
 
 PIPELINED = dict(block_n=128, block_k=256, num_warps=4, prefetch=False, stages=4, lean=False)  # cp.async pipeline
-LEAN = dict(m1.LARGE, lean=True)  # _step_lean: no w >> 16, one FFMA chain per two words
+LEAN = dict(m1.LARGE, lean=1)  # _step_lean: no w >> 16, one FFMA chain per two words
+LEAN_SMALL = dict(m1.SMALL, lean=2)  # and the per-step sum over a group's pairs left to the end
 
 
 @pytest.mark.parametrize("knobs,swiglu,budget", [("LARGE", False, 4.5), ("SMALL", False, 6.0), ("LARGE", True, 4.6),
                                                  ("PIPELINED", False, 4.5), ("LEAN", False, 3.8),
-                                                 ("LEAN", True, 3.9)])
+                                                 ("LEAN", True, 3.9), ("LEAN_SMALL", False, 4.8)])
 def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, budget):
     """The word-wise kernel exists to cut the K loop's instructions per weight (the row kernel's
     ~8.2 held it near 1.6 TB/s on the H200): compiled for sm_90 here, its K loop must stay within
@@ -183,10 +184,10 @@ def test_m1_kernel_spends_few_instructions_per_weight_on_sm90(knobs, swiglu, bud
     down projection computing its input from gate and up) the activation is per step, not per
     weight, so the budget barely moves (4.0). ``PIPELINED`` (``stages=4``: Triton's cp.async
     pipeline) copies the words through shared memory 16 bytes at a time instead (4.3); ``LEAN``
-    (``_step_lean``) spends 3.71 (3.84 with SwiGLU)."""
+    (``_step_lean``) spends 3.71 (3.84 with SwiGLU); ``LEAN_SMALL`` (``lean=2`` at SMALL) 4.70."""
     from sm90 import compile_sm90, spec
 
-    default = {"PIPELINED": PIPELINED, "LEAN": LEAN}.get(knobs) or getattr(m1, knobs)
+    default = {"PIPELINED": PIPELINED, "LEAN": LEAN, "LEAN_SMALL": LEAN_SMALL}.get(knobs) or getattr(m1, knobs)
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
            "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_os": "i32", "STEPS_PER_SPLIT": "i32",
            "magic": "i32", "u_ptr": "*bf16"}
@@ -656,8 +657,8 @@ def test_gpu_m1_kernel_at_aya_shapes(n, k):
     ref = x.double() @ dequantize_int4(packed, scales, zeros, 128).double().t()
     for knobs in ({}, {"split_k": 1}, {"split_k": 4, "prefetch": False}, {"block_n": 16, "block_k": 512},
                   {"block_n": 256, "block_k": 128, "num_warps": 8}, {"stages": 4}, {"stages": 3, "split_k": 4},
-                  {"block_n": 64, "block_k": 512, "stages": 5, "num_warps": 8}, {"lean": True},
-                  {"lean": True, "block_n": 16, "block_k": 512}, {"lean": True, "split_k": 4, "prefetch": False}):
+                  {"block_n": 64, "block_k": 512, "stages": 5, "num_warps": 8}, {"lean": 1}, {"lean": 2},
+                  {"lean": 1, "block_n": 16, "block_k": 512}, {"lean": 2, "split_k": 4, "prefetch": False}):
         out = int4_gemv_m1(x, packed, scales, zeros, 128, **knobs)
         err = rel_err(out, ref)
         assert out.dtype == torch.bfloat16 and err < 8e-3, (knobs, err)

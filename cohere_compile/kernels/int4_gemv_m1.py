@@ -123,29 +123,41 @@ def _word_sum(acc, w, x, magic):
 
 
 @triton.jit
-def _step_lean(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr):
+def _step_lean(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr, DEFER: tl.constexpr):
     """``_step`` in fewer instructions per weight (a launch knob, ``lean``, not yet measured on a GPU):
     no ``w >> 16`` (each nibble is one shift of the word itself), and each pair of neighbouring
     words summed as one FFMA chain, so half the FMULs that start a word's sum and the FADDs that
     add words go. sm_90 SASS of the K loop with the LARGE knobs: 3.71 per weight (3.90 without),
-    the same 168 registers. (Chains of four words: 3.65, but 255 registers.)"""
+    the same 168 registers. (Chains of four words: 3.65, but 255 registers.) ``DEFER`` (``lean=2``)
+    also leaves the sum over each group's pairs, a cross-lane reduction every step, to the end:
+    the scale multiplies each pair's partial sum instead. 3.59 per weight at LARGE but 255
+    registers; 4.70 at SMALL (5.03 without, 64 registers). Returns (pairs to accumulate
+    ``[BLOCK_N, NG, WPG // 2]``, or the unused ``p`` without ``DEFER``; the rest ``[BLOCK_N, NG]``)."""
     # word j = 2 * a + b of the group: w [BLOCK_N, NG, a, b]; x [NG, a, b, i2, i1, i0] moved to
     # [NG, a, i2, i1, i0, b]; splitting b gives the even and odd words' [.., a] slices
     w0, w1 = tl.split(tl.reshape(w, (BLOCK_N, NG, WPG // 2, 2)))
     x0, x1 = tl.split(tl.permute(tl.reshape(x, (NG, WPG // 2, 2, 2, 2, 2)), (0, 1, 3, 4, 5, 2)))
     p = _word_sum(tl.zeros(w0.shape, tl.float32), w0, x0, magic)
     p = _word_sum(p, w1, x1, magic)
-    xc = tl.sum(p, axis=2)  # [BLOCK_N, NG]
     xs = tl.sum(tl.sum(x, axis=2), axis=1)
-    return (16.0 * s) * xc + (z - 24.0 * s) * xs[None, :]
+    if DEFER:  # the scale goes onto each pair's partial sum, whose sum across lanes waits for the end
+        return (16.0 * s)[:, :, None] * p, (z - 24.0 * s) * xs[None, :]
+    else:
+        return p, (16.0 * s) * tl.sum(p, axis=2) + (z - 24.0 * s) * xs[None, :]
 
 
 @triton.jit
-def _step_of(w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr, LEAN: tl.constexpr):
-    if LEAN and WPG % 2 == 0:  # the lean step sums words in pairs (a group of >= 16)
-        return _step_lean(w, x, s, z, magic, BLOCK_N, NG, WPG)
+def _accumulate(acc, acc_pairs, w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
+                LEAN: tl.constexpr):
+    """One step into ``acc [BLOCK_N, NG]`` (and, ``LEAN == 2``, ``acc_pairs [BLOCK_N, NG, WPG // 2]``)."""
+    if LEAN > 0 and WPG % 2 == 0:  # the lean step sums words in pairs (a group of >= 16)
+        pairs, rest = _step_lean(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN == 2)
+        if LEAN == 2:
+            return acc + rest, acc_pairs + pairs
+        else:
+            return acc + rest, acc_pairs
     else:
-        return _step(w, x, s, z, magic, NG, WPG)
+        return acc + _step(w, x, s, z, magic, NG, WPG), acc_pairs
 
 
 @triton.jit
@@ -185,6 +197,8 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn
     sz_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    PAIRS: tl.constexpr = WPG // 2 if LEAN == 2 and WPG % 2 == 0 else 1
+    acc_pairs = tl.zeros((BLOCK_N, NG, PAIRS), dtype=tl.float32)  # lean=2's, else unused
     c0 = pid_k * STEPS_PER_SPLIT
     c_last = c0 + STEPS_PER_SPLIT - 1
     # Weights, scales and zeros are the model's constants, so the first step's are read before the
@@ -196,11 +210,11 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
     if STAGES > 1:
         # Triton's software pipeline: the loop's loads go to shared memory (cp.async) STAGES - 1
         # steps ahead, more bytes in flight per SM than registers can hold (and fewer registers)
-        acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
+        acc, acc_pairs = _accumulate(acc, acc_pairs, w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
         for c in tl.range(c0 + 1, c0 + STEPS_PER_SPLIT, num_stages=STAGES):
             w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c, n_ok, k_groups, NG, WPG, EVEN)
             x = _load_x(x_ptr, u_ptr, c, k_groups, NG, WPG, EVEN, SWIGLU)
-            acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
+            acc, acc_pairs = _accumulate(acc, acc_pairs, w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
     else:
         for c in range(c0, c0 + STEPS_PER_SPLIT):
             # the next step (the last one again at the end: a redundant read of what is in cache)
@@ -208,13 +222,15 @@ def int4_gemv_m1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, st
             if PREFETCH:  # issue the next step's loads before this step's arithmetic
                 w_n, s_n, z_n = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
                 x_n = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
-                acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
+                acc, acc_pairs = _accumulate(acc, acc_pairs, w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
                 w, s, z, x = w_n, s_n, z_n, x_n
             else:
-                acc += _step_of(w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
+                acc, acc_pairs = _accumulate(acc, acc_pairs, w, x, s, z, magic, BLOCK_N, NG, WPG, LEAN)
                 w, s, z = _load_weights(w_rows, s_ptr, z_ptr, sz_rows, c_next, n_ok, k_groups, NG, WPG, EVEN)
                 x = _load_x(x_ptr, u_ptr, c_next, k_groups, NG, WPG, EVEN, SWIGLU)
     out = tl.sum(acc, axis=1)
+    if LEAN == 2 and WPG % 2 == 0:
+        out += tl.sum(tl.sum(acc_pairs, axis=2), axis=1)
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -243,8 +259,8 @@ def auto_split_k(n_blocks: int, steps: int) -> int:
 # many rows per program (x reused across them: 3.9 SASS instructions per weight) and prefetch;
 # small ones are latency-bound and want many programs (16 rows each).
 # LM head 193.6, down 17.8, gate/up 19.2
-LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True, stages=1, lean=False)
-SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False, stages=1, lean=False)  # q/o 8.1, k/v 6.3
+LARGE = dict(block_n=128, block_k=256, num_warps=4, prefetch=True, stages=1, lean=0)
+SMALL = dict(block_n=16, block_k=512, num_warps=4, prefetch=False, stages=1, lean=0)  # q/o 8.1, k/v 6.3
 LARGE_FROM = 8192  # N or K at least this: LARGE
 
 
@@ -254,7 +270,7 @@ def default_knobs(n: int, k: int) -> dict:
 
 def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, block_k: int | None = None,
                 split_k: int | None = None, num_warps: int | None = None, prefetch: bool | None = None,
-                stages: int | None = None, lean: bool | None = None) -> dict:
+                stages: int | None = None, lean: int | None = None) -> dict:
     """The launch for an ``[N, K]`` weight: the knobs (any left None from ``default_knobs``;
     ``block_k`` raised to ``group_size``), the grid and ``split`` K slices of ``per_split`` steps.
     A function of the shapes alone, so a graph pass can know ``split`` before anything runs."""
@@ -264,7 +280,9 @@ def launch_plan(n: int, k: int, group_size: int, block_n: int | None = None, blo
     num_warps = default["num_warps"] if num_warps is None else num_warps
     prefetch = default["prefetch"] if prefetch is None else prefetch
     stages = default["stages"] if stages is None else int(stages)
-    lean = default["lean"] if lean is None else bool(lean)
+    lean = default["lean"] if lean is None else int(lean)
+    if lean not in (0, 1, 2):
+        raise ValueError(f"int4_gemv_m1: lean={lean} must be 0 (off), 1 (pair chains) or 2 (and the sum deferred)")
     if stages < 1:
         raise ValueError(f"int4_gemv_m1: stages={stages} must be >= 1 (1: prefetch in registers)")
     for name, v in (("block_n", block_n), ("block_k", block_k)):
@@ -307,12 +325,12 @@ def _launch(x, packed, scales, zeros, group_size, plan: dict, out: torch.Tensor,
 def int4_gemv_m1(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                  num_warps: int | None = None, prefetch: bool | None = None, stages: int | None = None,
-                 lean: bool | None = None) -> torch.Tensor:
+                 lean: int | None = None) -> torch.Tensor:
     """``x [1, K] @ dequant(W)^T -> [1, N]`` in x's dtype (inputs checked by the op; ``supports``
     must hold). Knobs: ``block_n`` rows per program, ``block_k`` weights along K per loop step
     (raised to ``group_size``), ``split_k`` (None: ``auto_split_k``), ``num_warps``, ``prefetch``,
     ``stages`` (> 1: Triton's pipeline through shared memory instead of ``prefetch``), ``lean``
-    (``_step_lean``: fewer instructions per weight, more registers);
+    (``_step_lean``: 1, or 2 with the per-step sum deferred; fewer instructions per weight);
     any left None comes from ``default_knobs``. Split K sums its fp32 partials here (two more
     kernels); ``int4_gemv_m1_partials`` leaves that sum to the caller."""
     n = packed.shape[0]
