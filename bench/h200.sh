@@ -70,8 +70,10 @@ stage() {
     int4-gemv-m1) python3 bench/int4_gemv.py --m 1 --sweep --out int4_gemv_m1_aya-8b_cuda.json ;;  # the word-wise kernel's knobs
     int4-gemv-stages) python3 bench/int4_gemv.py --m 1 --sweep --shapes merged_qkv_gate_up,down_proj \
                         --out int4_gemv_m1_stages.json ;;  # Triton's cp.async pipeline (stages) vs register prefetch
-    int4-gemv-lean) python3 bench/int4_gemv.py --m 1 --sweep --shapes merged_qkv_gate_up,down_proj,q_o_proj \
-                      --out int4_gemv_m1_lean.json ;;  # the lean step (fewer instructions per weight) vs today's
+    int4-gemv-lean) python3 bench/int4_gemv.py --m 1 --sweep --shapes merged_qkv_gate_up,down_proj \
+                      --out int4_gemv_m1_lean.json ;;  # the lean step (fewer instructions per weight) vs today's: ~5 min?
+    int4-gemv-lean-small) python3 bench/int4_gemv.py --m 1 --sweep --shapes q_o_proj,lm_head \
+                            --out int4_gemv_m1_lean_small.json ;;
     int4-gemv-stages-small) python3 bench/int4_gemv.py --m 1 --sweep --shapes q_o_proj,lm_head \
                               --out int4_gemv_m1_stages_small.json ;;
     tests-int4) python3 -m pytest -q -m gpu tests/test_int4_triton.py -rfE ;;
