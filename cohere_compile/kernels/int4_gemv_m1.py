@@ -107,15 +107,23 @@ def _lean_code(w, magic, i: tl.constexpr):
 
 
 @triton.jit
-def _word_sum(acc, w, x, magic):
-    """``acc + sum_i x_i * code_i`` over the 8 nibbles of each word, as a chain of 8 FFMA."""
-    xa, xb = tl.split(x)  # x [..., 2, 2, 2]: the bits of i = 4 * i2 + 2 * i1 + i0, i0 last; this splits i0
-    xa0, xa1 = tl.split(xa)
+def _nibble_slices(x):
+    """x ``[..., 2, 2, 2]`` (the bits of nibble index i = 4 * i2 + 2 * i1 + i0, i0 last) -> the
+    8 slices ``x_i [...]``; the splits peel the last dim's bits (i0, then i1, then i2)."""
+    xa, xb = tl.split(x)  # i & 1
+    xa0, xa1 = tl.split(xa)  # bit 1 of i (even i)
     xb0, xb1 = tl.split(xb)
     x0, x4 = tl.split(xa0)
     x2, x6 = tl.split(xa1)
     x1, x5 = tl.split(xb0)
     x3, x7 = tl.split(xb1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _word_sum(acc, w, x, magic):
+    """``acc + sum_i x_i * code_i`` over the 8 nibbles of each word, as a chain of 8 FFMA."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _nibble_slices(x)
     return acc + _lean_code(w, magic, 0) * x0[None] + _lean_code(w, magic, 1) * x1[None] \
         + _lean_code(w, magic, 2) * x2[None] + _lean_code(w, magic, 3) * x3[None] \
         + _lean_code(w, magic, 4) * x4[None] + _lean_code(w, magic, 5) * x5[None] \
@@ -164,14 +172,8 @@ def _accumulate(acc, acc_pairs, w, x, s, z, magic, BLOCK_N: tl.constexpr, NG: tl
 def _step(w, x, s, z, magic, NG: tl.constexpr, WPG: tl.constexpr):
     """This step's contribution ``[BLOCK_N, NG]`` (per row and group)."""
     w_hi = w >> 16
-    # x [NG, WPG, 8] -> x_i [NG, WPG] for nibble i (k = 8 * word + i); splits peel the last dim's bits
-    xa, xb = tl.split(tl.reshape(x, (NG, WPG, 2, 2, 2)))  # i & 1
-    xa0, xa1 = tl.split(xa)  # bit 1 of i (even i)
-    xb0, xb1 = tl.split(xb)
-    x0, x4 = tl.split(xa0)
-    x2, x6 = tl.split(xa1)
-    x1, x5 = tl.split(xb0)
-    x3, x7 = tl.split(xb1)
+    # x [NG, WPG, 8] -> x_i [NG, WPG] for nibble i (k = 8 * word + i)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _nibble_slices(tl.reshape(x, (NG, WPG, 2, 2, 2)))
     p = _code(w, w_hi, magic, 0) * x0[None] + _code(w, w_hi, magic, 1) * x1[None] \
         + _code(w, w_hi, magic, 2) * x2[None] + _code(w, w_hi, magic, 3) * x3[None] \
         + _code(w, w_hi, magic, 4) * x4[None] + _code(w, w_hi, magic, 5) * x5[None] \
