@@ -23,7 +23,7 @@ import torch
 
 import cohere_compile as cc
 from bench.common import environment, write_json
-from tests.test_gpu_paged import _hf_greedy_case
+from tests.test_gpu_paged import _hf_greedy_case, first_difference
 
 VARIANTS = {  # name -> cc.generate keyword arguments
     "default": {},
@@ -76,12 +76,6 @@ class Contention:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
-
-
-def first_difference(got, refs):
-    """Per prompt: the index of the first token unlike HF's, or None."""
-    return [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), None if len(g) == len(r) else min(len(g), len(r)))
-            for g, r in zip(got, refs)]
 
 
 def busy_settings(args) -> list[bool]:

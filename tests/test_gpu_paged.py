@@ -89,14 +89,16 @@ def _hf_greedy_case(use_qk_norm, kv_heads, lengths, new_tokens, prompt_seed, dev
     return model, prompts, refs
 
 
+def first_difference(got, refs) -> list:
+    """Per prompt: the index of the first token unlike HF's, or None. (Also bench/generate_parity.py's.)"""
+    return [next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), None if len(g) == len(r) else min(len(g), len(r)))
+            for g, r in zip(got, refs)]
+
+
 def _first_differences(got, refs) -> list:
     """(prompt, first differing step, ours, HF's) for each prompt whose tokens differ."""
-    out = []
-    for i, (g, r) in enumerate(zip(got, refs)):
-        if g != r:
-            step = next((j for j, (a, b) in enumerate(zip(g, r)) if a != b), min(len(g), len(r)))
-            out.append((i, step, g[step:step + 3], r[step:step + 3]))
-    return out
+    return [(i, step, got[i][step:step + 3], refs[i][step:step + 3])
+            for i, step in enumerate(first_difference(got, refs)) if step is not None]
 
 
 # one change of setting each, to bisect a mismatch of cc.generate's CUDA path
